@@ -1,0 +1,221 @@
+//! One client connection: non-blocking reads split into messages with their fds, and a write queue.
+//!
+//! Fd attribution: the sender attaches a message's fds to its first byte, and the kernel ends a read right after
+//! the skb that carried fds. So fds from one read belong to the message that contains that read's last byte; each
+//! batch is tagged with that byte's stream offset and handed to the message whose range covers it.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+
+use mio::net::UnixStream;
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+use crate::wire::{Header, HEADER_SIZE};
+
+/// Fds accepted in one read; more than the negotiated 16 marks the message as carrying too many.
+const RECV_FDS: usize = 32;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A complete message as received.
+pub struct Incoming {
+    pub header: Header,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    /// The kernel dropped fds (control buffer too small): the message cannot be honoured.
+    pub fds_truncated: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    Data,
+    WouldBlock,
+    Closed,
+}
+
+/// What the reader produced.
+pub enum Event {
+    Message(Incoming),
+    /// A message over the size limit whose payload is being drained; reply with E2BIG.
+    Oversized(Header),
+    /// The stream is unusable (header size < 16): the connection must be closed.
+    Corrupt(Header),
+}
+
+struct FdBatch {
+    last_byte: u64,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
+struct Outgoing {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    sent: usize,
+}
+
+pub struct Conn {
+    pub stream: UnixStream,
+    inbuf: Vec<u8>,
+    /// Stream offset of `inbuf[0]`.
+    in_pos: u64,
+    fds: VecDeque<FdBatch>,
+    /// Payload bytes of an oversized message still to drop.
+    discard: u64,
+    out: VecDeque<Outgoing>,
+    max_msg: usize,
+}
+
+impl Conn {
+    pub fn new(stream: UnixStream, max_msg: usize) -> Self {
+        Conn {
+            stream,
+            inbuf: Vec::with_capacity(READ_CHUNK),
+            in_pos: 0,
+            fds: VecDeque::new(),
+            discard: 0,
+            out: VecDeque::new(),
+            max_msg,
+        }
+    }
+
+    /// One read from the socket. The caller processes the messages it completed before reading again, so the
+    /// input buffer stays bounded by one message plus one chunk.
+    pub fn fill(&mut self) -> io::Result<ReadStatus> {
+        let old = self.inbuf.len();
+        self.inbuf.resize(old + READ_CHUNK, 0);
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let res = recvmsg(
+            self.stream.as_fd(),
+            &mut [IoSliceMut::new(&mut self.inbuf[old..])],
+            &mut cmsg,
+            RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+        );
+        let got = match res {
+            Ok(m) => m,
+            Err(e) => {
+                self.inbuf.truncate(old);
+                return match e {
+                    rustix::io::Errno::AGAIN | rustix::io::Errno::INTR => Ok(ReadStatus::WouldBlock),
+                    e => Err(e.into()),
+                };
+            }
+        };
+        self.inbuf.truncate(old + got.bytes);
+        let mut fds = Vec::new();
+        for m in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(it) = m {
+                fds.extend(it);
+            }
+        }
+        if got.bytes == 0 {
+            return Ok(ReadStatus::Closed);
+        }
+        let truncated = got.flags.contains(ReturnFlags::CTRUNC);
+        if !fds.is_empty() || truncated {
+            let last_byte = self.in_pos + self.inbuf.len() as u64 - 1;
+            self.fds.push_back(FdBatch { last_byte, fds, truncated });
+        }
+        Ok(ReadStatus::Data)
+    }
+
+    /// Fds that arrived with bytes before stream offset `end`.
+    fn take_fds(&mut self, end: u64) -> (Vec<OwnedFd>, bool) {
+        let mut fds = Vec::new();
+        let mut truncated = false;
+        while self.fds.front().is_some_and(|b| b.last_byte < end) {
+            let b = self.fds.pop_front().unwrap();
+            fds.extend(b.fds);
+            truncated |= b.truncated;
+        }
+        (fds, truncated)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.inbuf.drain(..n);
+        self.in_pos += n as u64;
+    }
+
+    /// The next complete message (or event) in the input buffer, if any.
+    pub fn next_event(&mut self) -> Option<Event> {
+        if self.discard > 0 {
+            let n = self.discard.min(self.inbuf.len() as u64) as usize;
+            self.consume(n);
+            self.discard -= n as u64;
+            let end = self.in_pos;
+            drop(self.take_fds(end)); // fds of a dropped message are closed here
+            if self.discard > 0 {
+                return None;
+            }
+        }
+        if self.inbuf.len() < HEADER_SIZE {
+            return None;
+        }
+        let header = Header::parse(&self.inbuf[..HEADER_SIZE]);
+        let size = header.size as usize;
+        if size < HEADER_SIZE {
+            return Some(Event::Corrupt(header));
+        }
+        if size > self.max_msg {
+            self.consume(HEADER_SIZE);
+            self.discard = (size - HEADER_SIZE) as u64;
+            let end = self.in_pos;
+            drop(self.take_fds(end));
+            return Some(Event::Oversized(header));
+        }
+        if self.inbuf.len() < size {
+            return None;
+        }
+        let payload = self.inbuf[HEADER_SIZE..size].to_vec();
+        let end = self.in_pos + size as u64;
+        self.consume(size);
+        let (fds, fds_truncated) = self.take_fds(end);
+        Some(Event::Message(Incoming { header, payload, fds, fds_truncated }))
+    }
+
+    pub fn queue(&mut self, bytes: Vec<u8>, fds: Vec<OwnedFd>) {
+        self.out.push_back(Outgoing { bytes, fds, sent: 0 });
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Writes as much queued output as the socket takes. Fds go with the first byte of their message.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while let Some(o) = self.out.front_mut() {
+            let res = if o.sent == 0 && !o.fds.is_empty() {
+                let borrowed: Vec<_> = o.fds.iter().map(|f| f.as_fd()).collect();
+                let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
+                let mut cmsg = SendAncillaryBuffer::new(&mut space);
+                cmsg.push(SendAncillaryMessage::ScmRights(&borrowed));
+                sendmsg(
+                    self.stream.as_fd(),
+                    &[IoSlice::new(&o.bytes)],
+                    &mut cmsg,
+                    SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+                )
+            } else {
+                rustix::net::send(self.stream.as_fd(), &o.bytes[o.sent..], SendFlags::DONTWAIT | SendFlags::NOSIGNAL)
+            };
+            match res {
+                Ok(n) => {
+                    o.sent += n;
+                    o.fds.clear();
+                    if o.sent == o.bytes.len() {
+                        self.out.pop_front();
+                    }
+                }
+                Err(e) if e == rustix::io::Errno::AGAIN => return Ok(()),
+                Err(e) if e == rustix::io::Errno::INTR => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,523 @@
+//! One handler per client command, each with its validation. Handlers return the reply payload (and fds) or an
+//! errno; the caller turns that into a reply. Nothing a client sends can make a handler panic: every field is
+//! read through `Reader`, and every offset/count is checked with overflow-safe arithmetic before use.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use device::mem::GuestMem;
+use device::{Errno, IrqAction, IrqData, VfioDevice};
+use serde_json::{json, Value};
+use vfio_bindings::bindings::vfio::*;
+
+use crate::conn::Incoming;
+use crate::wire::*;
+
+/// Largest data transfer we accept in one message (REGION_WRITE data, REGION_READ count).
+pub const MAX_DATA_XFER: usize = 1 << 20;
+/// Largest message we accept: the data plus fixed parts, with headroom.
+pub const MAX_MSG: usize = HEADER_SIZE + 16 + MAX_DATA_XFER + 4096;
+pub const MAX_MSG_FDS: usize = 16;
+pub const MAX_DMA_MAPS: usize = 65535;
+/// The largest data transfer a client may ask us to honour (QEMU's own ceiling).
+const CLIENT_XFER_CEILING: u64 = 64 << 20;
+const PAGE: u64 = 4096;
+const MAX_WRITE_MULTI: u64 = 200;
+
+pub const E2BIG: Errno = Errno(libc::E2BIG);
+pub const ENOSYS: Errno = Errno(libc::ENOSYS);
+pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+
+/// What VERSION settled.
+#[derive(Debug, Clone)]
+pub struct Negotiated {
+    pub client_max_xfer: usize,
+    pub client_max_fds: usize,
+    pub write_multiple: bool,
+}
+
+#[derive(Default)]
+pub struct Reply {
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl From<Writer> for Reply {
+    fn from(w: Writer) -> Self {
+        Reply { payload: w.0, fds: Vec::new() }
+    }
+}
+
+pub type HResult = Result<Reply, Errno>;
+
+/// Logs why a request is rejected and yields its errno.
+macro_rules! reject {
+    ($errno:expr, $($arg:tt)*) => {{
+        log::warn!($($arg)*);
+        return Err($errno);
+    }};
+}
+
+pub struct Ctx<'a, D: VfioDevice> {
+    pub device: &'a mut D,
+    pub mem: &'a GuestMem,
+    pub negotiated: &'a mut Option<Negotiated>,
+}
+
+impl<D: VfioDevice> Ctx<'_, D> {
+    /// Checks that apply to every command, then dispatches.
+    pub fn handle(&mut self, msg: &mut Incoming) -> HResult {
+        let h = msg.header;
+        let name = command_name(h.cmd);
+        if h.has_unknown_flags() || h.flags & FLAG_ERROR != 0 {
+            reject!(Errno::EINVAL, "{name}: bad header flags {:#x}", h.flags);
+        }
+        if msg.fds_truncated || msg.fds.len() > MAX_MSG_FDS {
+            reject!(Errno::EINVAL, "{name}: more than {MAX_MSG_FDS} fds");
+        }
+        if !msg.fds.is_empty() && !matches!(h.cmd, CMD_DMA_MAP | CMD_DEVICE_SET_IRQS) {
+            reject!(Errno::EINVAL, "{name}: takes no fds but {} came with it (closed)", msg.fds.len());
+        }
+        if self.negotiated.is_none() && h.cmd != CMD_VERSION {
+            reject!(Errno::EINVAL, "{name} before VERSION");
+        }
+        let p = &msg.payload;
+        match h.cmd {
+            CMD_VERSION => self.version(p),
+            CMD_DMA_MAP => self.dma_map(p, std::mem::take(&mut msg.fds)),
+            CMD_DMA_UNMAP => self.dma_unmap(p),
+            CMD_DEVICE_GET_INFO => self.device_info(p),
+            CMD_DEVICE_GET_REGION_INFO => self.region_info(p),
+            CMD_DEVICE_GET_REGION_IO_FDS => self.region_io_fds(p),
+            CMD_DEVICE_GET_IRQ_INFO => self.irq_info(p),
+            CMD_DEVICE_SET_IRQS => self.set_irqs(p, std::mem::take(&mut msg.fds)),
+            CMD_REGION_READ => self.region_read(p),
+            CMD_REGION_WRITE => self.region_write(p),
+            CMD_REGION_WRITE_MULTI => self.region_write_multi(p),
+            CMD_DEVICE_RESET => self.reset(p),
+            CMD_DEVICE_FEATURE | CMD_MIG_DATA_READ | CMD_MIG_DATA_WRITE => {
+                reject!(Errno::ENOTSUP, "{name}: migration is not supported yet")
+            }
+            CMD_DMA_READ | CMD_DMA_WRITE => reject!(Errno::EINVAL, "{name} is a server-to-client command"),
+            c => reject!(ENOSYS, "unknown command {c}"),
+        }
+    }
+
+    fn version(&mut self, p: &[u8]) -> HResult {
+        if self.negotiated.is_some() {
+            reject!(Errno::EINVAL, "VERSION: already negotiated");
+        }
+        let mut r = Reader::new(p);
+        let (Some(major), Some(minor)) = (r.u16(), r.u16()) else {
+            reject!(Errno::EINVAL, "VERSION: payload of {} bytes is too short", p.len());
+        };
+        if major != 0 {
+            reject!(Errno::EINVAL, "VERSION: major {major} not supported (only 0)");
+        }
+        let n = parse_caps(r.rest())?;
+        log::info!(
+            "client speaks vfio-user {major}.{minor}; its max_data_xfer_size {} max_msg_fds {} write_multiple {}",
+            n.client_max_xfer,
+            n.client_max_fds,
+            n.write_multiple
+        );
+        let caps = json!({"capabilities": {
+            "max_msg_fds": MAX_MSG_FDS,
+            "max_data_xfer_size": MAX_DATA_XFER,
+            "pgsizes": PAGE,
+            "max_dma_maps": MAX_DMA_MAPS,
+            "write_multiple": n.write_multiple,
+        }});
+        *self.negotiated = Some(n);
+        let mut s = caps.to_string().into_bytes();
+        s.push(0);
+        Ok(Writer::default().u16(0).u16(0).bytes(&s).into())
+    }
+
+    fn dma_map(&mut self, p: &[u8], mut fds: Vec<OwnedFd>) -> HResult {
+        let mut r = Reader::new(p);
+        let (argsz, flags, offset, addr, size) = (r.u32(), r.u32(), r.u64(), r.u64(), r.u64());
+        let (Some(argsz), Some(flags), Some(offset), Some(addr), Some(size)) = (argsz, flags, offset, addr, size)
+        else {
+            reject!(Errno::EINVAL, "DMA_MAP: payload of {} bytes, need 32", p.len());
+        };
+        let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+        if argsz != 32 || p.len() != 32 {
+            reject!(Errno::EINVAL, "DMA_MAP: argsz {argsz} / payload {} (both must be 32)", p.len());
+        }
+        if flags & !rw != 0 || flags == 0 {
+            reject!(Errno::EINVAL, "DMA_MAP: flags {flags:#x} (need READ and/or WRITE, nothing else)");
+        }
+        if size == 0 || addr % PAGE != 0 || size % PAGE != 0 || addr.checked_add(size).is_none() {
+            reject!(Errno::EINVAL, "DMA_MAP: range {addr:#x}+{size:#x} is empty, unaligned or wraps");
+        }
+        if fds.len() > 1 {
+            reject!(Errno::EINVAL, "DMA_MAP: {} fds, at most 1", fds.len());
+        }
+        let file = match fds.pop() {
+            Some(_) if offset % PAGE != 0 => reject!(Errno::EINVAL, "DMA_MAP: fd offset {offset:#x} not page aligned"),
+            Some(fd) => Some((File::from(fd), offset)),
+            None => None,
+        };
+        if self.mem.len() >= MAX_DMA_MAPS {
+            reject!(ENOSPC, "DMA_MAP: already {MAX_DMA_MAPS} mappings");
+        }
+        let has_fd = file.is_some();
+        self.mem
+            .map(addr, size, flags & VFIO_DMA_MAP_FLAG_READ != 0, flags & VFIO_DMA_MAP_FLAG_WRITE != 0, file)
+            .inspect_err(|e| log::warn!("DMA_MAP {addr:#x}+{size:#x}: {e}"))?;
+        log::debug!("DMA_MAP {addr:#x}+{size:#x} flags {flags:#x} {}", if has_fd { "mmap'd" } else { "via messages" });
+        Ok(Reply::default())
+    }
+
+    fn dma_unmap(&mut self, p: &[u8]) -> HResult {
+        let mut r = Reader::new(p);
+        let (Some(argsz), Some(flags), Some(addr), Some(size)) = (r.u32(), r.u32(), r.u64(), r.u64()) else {
+            reject!(Errno::EINVAL, "DMA_UNMAP: payload of {} bytes, need 24", p.len());
+        };
+        if argsz != 24 || p.len() != 24 {
+            reject!(Errno::EINVAL, "DMA_UNMAP: argsz {argsz} / payload {} (both must be 24)", p.len());
+        }
+        if flags & !VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+            reject!(Errno::EINVAL, "DMA_UNMAP: flags {flags:#x} not supported");
+        }
+        if flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+            if addr != 0 || size != 0 {
+                reject!(Errno::EINVAL, "DMA_UNMAP: ALL with address {addr:#x} size {size:#x}");
+            }
+            log::debug!("DMA_UNMAP all ({} mappings)", self.mem.len());
+            self.mem.unmap_all();
+        } else {
+            self.mem.unmap(addr, size).inspect_err(|_| log::warn!("DMA_UNMAP {addr:#x}+{size:#x}: no such mapping"))?;
+            log::debug!("DMA_UNMAP {addr:#x}+{size:#x}");
+        }
+        Ok(Writer::default().bytes(p).into())
+    }
+
+    fn device_info(&mut self, p: &[u8]) -> HResult {
+        let argsz = fixed_argsz(p, 16, "DEVICE_GET_INFO")?;
+        let _ = argsz;
+        Ok(Writer::default()
+            .u32(16)
+            .u32(VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET)
+            .u32(self.device.num_regions())
+            .u32(self.device.num_irqs())
+            .into())
+    }
+
+    fn region_info(&mut self, p: &[u8]) -> HResult {
+        let argsz = fixed_argsz(p, 32, "DEVICE_GET_REGION_INFO")?;
+        let index = Reader::new(&p[8..]).u32().unwrap_or(u32::MAX);
+        let Some(info) = self.device.region_info(index) else {
+            reject!(Errno::EINVAL, "DEVICE_GET_REGION_INFO: no region {index}");
+        };
+        let mut flags = 0;
+        if info.read {
+            flags |= VFIO_REGION_INFO_FLAG_READ;
+        }
+        if info.write {
+            flags |= VFIO_REGION_INFO_FLAG_WRITE;
+        }
+        let mmap = if info.mmap_areas.is_empty() { None } else { self.device.region_mmap(index) };
+        let mut caps = Writer::default();
+        let mut offset = 0;
+        if let Some(m) = &mmap {
+            flags |= VFIO_REGION_INFO_FLAG_MMAP | VFIO_REGION_INFO_FLAG_CAPS;
+            offset = m.offset;
+            caps = caps.u16(VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16).u16(1).u32(0);
+            caps = caps.u32(info.mmap_areas.len() as u32).u32(0);
+            for &(o, s) in &info.mmap_areas {
+                caps = caps.u64(o).u64(s);
+            }
+        }
+        let needed = 32 + caps.0.len() as u32;
+        let fits = argsz >= needed;
+        let cap_offset = if fits && !caps.0.is_empty() { 32 } else { 0 };
+        let mut w = Writer::default().u32(needed).u32(flags).u32(index).u32(cap_offset).u64(info.size).u64(offset);
+        let mut fds = Vec::new();
+        if fits {
+            w = w.bytes(&caps.0);
+            if let Some(m) = mmap {
+                fds.push(m.fd.try_clone_to_owned().map_err(|e| {
+                    log::error!("duplicating region {index}'s mmap fd: {e}");
+                    Errno::EIO
+                })?);
+            }
+        }
+        Ok(Reply { payload: w.0, fds })
+    }
+
+    fn region_io_fds(&mut self, p: &[u8]) -> HResult {
+        fixed_argsz(p, 16, "DEVICE_GET_REGION_IO_FDS")?;
+        let index = Reader::new(&p[8..]).u32().unwrap_or(u32::MAX);
+        if self.device.region_info(index).is_none() {
+            reject!(Errno::EINVAL, "DEVICE_GET_REGION_IO_FDS: no region {index}");
+        }
+        // No ioeventfds are offered: every region reports zero sub-regions.
+        Ok(Writer::default().u32(16).u32(0).u32(index).u32(0).into())
+    }
+
+    fn irq_info(&mut self, p: &[u8]) -> HResult {
+        fixed_argsz(p, 16, "DEVICE_GET_IRQ_INFO")?;
+        let index = Reader::new(&p[8..]).u32().unwrap_or(u32::MAX);
+        let Some(i) = self.device.irq_info(index) else {
+            reject!(Errno::EINVAL, "DEVICE_GET_IRQ_INFO: no IRQ index {index}");
+        };
+        let flags = [
+            (i.eventfd, VFIO_IRQ_INFO_EVENTFD),
+            (i.maskable, VFIO_IRQ_INFO_MASKABLE),
+            (i.automasked, VFIO_IRQ_INFO_AUTOMASKED),
+            (i.noresize, VFIO_IRQ_INFO_NORESIZE),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |acc, (_, f)| acc | f);
+        Ok(Writer::default().u32(16).u32(flags).u32(index).u32(i.count).into())
+    }
+
+    fn set_irqs(&mut self, p: &[u8], fds: Vec<OwnedFd>) -> HResult {
+        let mut r = Reader::new(p);
+        let (Some(argsz), Some(flags), Some(index), Some(start), Some(count)) =
+            (r.u32(), r.u32(), r.u32(), r.u32(), r.u32())
+        else {
+            reject!(Errno::EINVAL, "SET_IRQS: payload of {} bytes, need 20", p.len());
+        };
+        let data = r.rest();
+        if argsz as usize != p.len() {
+            reject!(Errno::EINVAL, "SET_IRQS: argsz {argsz} but payload {}", p.len());
+        }
+        let dtype = flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+        let atype = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
+        if flags & !(VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0
+            || dtype.count_ones() != 1
+            || atype.count_ones() != 1
+        {
+            reject!(Errno::EINVAL, "SET_IRQS: flags {flags:#x} need exactly one data type and one action");
+        }
+        let Some(info) = self.device.irq_info(index) else {
+            reject!(Errno::EINVAL, "SET_IRQS: no IRQ index {index}");
+        };
+        let action = match atype {
+            VFIO_IRQ_SET_ACTION_MASK => IrqAction::Mask,
+            VFIO_IRQ_SET_ACTION_UNMASK => IrqAction::Unmask,
+            _ => IrqAction::Trigger,
+        };
+        if count == 0 {
+            if dtype != VFIO_IRQ_SET_DATA_NONE || atype != VFIO_IRQ_SET_ACTION_TRIGGER || start > info.count {
+                reject!(Errno::EINVAL, "SET_IRQS: count 0 is only DATA_NONE|TRIGGER (disable) ({flags:#x})");
+            }
+            if !data.is_empty() || !fds.is_empty() {
+                reject!(Errno::EINVAL, "SET_IRQS: disable carries no data");
+            }
+            log::debug!("SET_IRQS: index {index} disabled");
+            self.device.set_irqs(index, IrqAction::Trigger, 0, 0, IrqData::None)?;
+            return Ok(Reply::default());
+        }
+        if start.checked_add(count).is_none_or(|end| end > info.count) {
+            reject!(Errno::EINVAL, "SET_IRQS: vectors {start}+{count} past index {index}'s {}", info.count);
+        }
+        if !matches!(action, IrqAction::Trigger) && (!info.maskable || dtype == VFIO_IRQ_SET_DATA_EVENTFD) {
+            reject!(Errno::EINVAL, "SET_IRQS: mask/unmask needs a maskable index and NONE/BOOL data ({flags:#x})");
+        }
+        let irq_data = match dtype {
+            VFIO_IRQ_SET_DATA_NONE if data.is_empty() && fds.is_empty() => IrqData::None,
+            VFIO_IRQ_SET_DATA_BOOL if data.len() == count as usize && fds.is_empty() => {
+                IrqData::Bool(data.iter().map(|&b| b != 0).collect())
+            }
+            VFIO_IRQ_SET_DATA_EVENTFD if data.is_empty() && (fds.is_empty() || fds.len() == count as usize) => {
+                if let Some(bad) = fds.iter().find(|f| !is_eventfd(f)) {
+                    reject!(Errno::EINVAL, "SET_IRQS: fd {} is not an eventfd", bad.as_raw_fd());
+                }
+                IrqData::Eventfd(fds)
+            }
+            _ => reject!(
+                Errno::EINVAL,
+                "SET_IRQS: data type {dtype:#x} with {} data bytes and {} fds for {count} vectors",
+                data.len(),
+                fds.len()
+            ),
+        };
+        log::debug!("SET_IRQS: index {index} vectors {start}+{count} {action:?} {irq_data:?}");
+        self.device.set_irqs(index, action, start, count, irq_data)?;
+        Ok(Reply::default())
+    }
+
+    /// Validates a region access and returns the region's index.
+    fn check_access(&self, name: &str, region: u32, offset: u64, count: u32, write: bool) -> Result<(), Errno> {
+        if count as usize > MAX_DATA_XFER {
+            reject!(E2BIG, "{name}: {count} bytes exceeds max_data_xfer_size {MAX_DATA_XFER}");
+        }
+        let Some(info) = self.device.region_info(region) else {
+            reject!(Errno::EINVAL, "{name}: no region {region}");
+        };
+        let in_bounds = offset.checked_add(u64::from(count)).is_some_and(|end| end <= info.size);
+        if count == 0 || !in_bounds || !(if write { info.write } else { info.read }) {
+            reject!(Errno::EINVAL, "{name}: region {region} offset {offset:#x} count {count} (size {:#x})", info.size);
+        }
+        Ok(())
+    }
+
+    fn region_read(&mut self, p: &[u8]) -> HResult {
+        let mut r = Reader::new(p);
+        let (Some(offset), Some(region), Some(count)) = (r.u64(), r.u32(), r.u32()) else {
+            reject!(Errno::EINVAL, "REGION_READ: payload of {} bytes, need 16", p.len());
+        };
+        if p.len() != 16 {
+            reject!(Errno::EINVAL, "REGION_READ: payload of {} bytes, need 16", p.len());
+        }
+        self.check_access("REGION_READ", region, offset, count, false)?;
+        let mut w = Writer(Vec::with_capacity(16 + count as usize)).u64(offset).u32(region).u32(count);
+        w.0.resize(16 + count as usize, 0);
+        self.device.region_read(region, offset, &mut w.0[16..])?;
+        Ok(w.into())
+    }
+
+    fn region_write(&mut self, p: &[u8]) -> HResult {
+        let mut r = Reader::new(p);
+        let (Some(offset), Some(region), Some(count)) = (r.u64(), r.u32(), r.u32()) else {
+            reject!(Errno::EINVAL, "REGION_WRITE: payload of {} bytes, need 16 + data", p.len());
+        };
+        let data = r.rest();
+        if data.len() != count as usize {
+            reject!(Errno::EINVAL, "REGION_WRITE: count {count} but {} data bytes", data.len());
+        }
+        self.check_access("REGION_WRITE", region, offset, count, true)?;
+        self.device.region_write(region, offset, data)?;
+        Ok(Writer::default().u64(offset).u32(region).u32(count).into())
+    }
+
+    fn region_write_multi(&mut self, p: &[u8]) -> HResult {
+        if !self.negotiated.as_ref().is_some_and(|n| n.write_multiple) {
+            reject!(Errno::EINVAL, "REGION_WRITE_MULTI: write_multiple was not negotiated");
+        }
+        let mut r = Reader::new(p);
+        let Some(n) = r.u64() else {
+            reject!(Errno::EINVAL, "REGION_WRITE_MULTI: payload of {} bytes", p.len());
+        };
+        if n == 0 || n > MAX_WRITE_MULTI || p.len() as u64 != 8 + 24 * n {
+            reject!(Errno::EINVAL, "REGION_WRITE_MULTI: wr_cnt {n} with {} payload bytes", p.len());
+        }
+        let mut writes = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let (offset, region, count, data) = (r.u64(), r.u32(), r.u32(), r.bytes(8));
+            let (Some(offset), Some(region), Some(count), Some(data)) = (offset, region, count, data) else {
+                reject!(Errno::EINVAL, "REGION_WRITE_MULTI: truncated entry");
+            };
+            if count > 8 {
+                reject!(Errno::EINVAL, "REGION_WRITE_MULTI: entry count {count} > 8");
+            }
+            self.check_access("REGION_WRITE_MULTI", region, offset, count, true)?;
+            writes.push((region, offset, &data[..count as usize]));
+        }
+        for (region, offset, data) in writes {
+            self.device.region_write(region, offset, data)?;
+        }
+        Ok(Writer::default().u64(n).into())
+    }
+
+    fn reset(&mut self, p: &[u8]) -> HResult {
+        if !p.is_empty() {
+            reject!(Errno::EINVAL, "DEVICE_RESET: unexpected {} payload bytes", p.len());
+        }
+        self.device.reset();
+        Ok(Reply::default())
+    }
+}
+
+/// Checks a request that starts with argsz and has a fixed part of `min` bytes; returns argsz.
+fn fixed_argsz(p: &[u8], min: u32, name: &str) -> Result<u32, Errno> {
+    let argsz = Reader::new(p).u32();
+    match argsz {
+        Some(a) if p.len() >= min as usize && a >= min => Ok(a),
+        _ => reject!(Errno::EINVAL, "{name}: payload {} bytes / argsz {argsz:?}, need {min}", p.len()),
+    }
+}
+
+/// Parses VERSION's optional NUL-terminated JSON. Unknown keys are ignored, known keys must have the right type.
+fn parse_caps(json: &[u8]) -> Result<Negotiated, Errno> {
+    let mut n = Negotiated { client_max_xfer: MAX_DATA_XFER, client_max_fds: 1, write_multiple: false };
+    if json.is_empty() {
+        return Ok(n);
+    }
+    let Some((&0, text)) = json.split_last() else {
+        reject!(Errno::EINVAL, "VERSION: capabilities are not NUL-terminated");
+    };
+    let v: Value = match serde_json::from_slice(text) {
+        Ok(v) => v,
+        Err(e) => reject!(Errno::EINVAL, "VERSION: capabilities are not JSON: {e}"),
+    };
+    let Some(obj) = v.as_object() else {
+        reject!(Errno::EINVAL, "VERSION: capabilities JSON is not an object");
+    };
+    let Some(caps) = obj.get("capabilities") else {
+        return Ok(n);
+    };
+    let Some(caps) = caps.as_object() else {
+        reject!(Errno::EINVAL, "VERSION: \"capabilities\" is not an object");
+    };
+    let num = |k: &str| -> Result<Option<u64>, Errno> {
+        match caps.get(k) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(x) => Ok(Some(x)),
+                None => reject!(Errno::EINVAL, "VERSION: \"{k}\" is not a non-negative integer"),
+            },
+        }
+    };
+    if let Some(x) = num("max_msg_fds")? {
+        n.client_max_fds = x.min(253) as usize;
+    }
+    if let Some(x) = num("max_data_xfer_size")? {
+        if x == 0 {
+            reject!(Errno::EINVAL, "VERSION: max_data_xfer_size 0");
+        }
+        n.client_max_xfer = x.min(CLIENT_XFER_CEILING) as usize;
+    }
+    if let Some(x) = num("pgsizes")? {
+        if x & PAGE == 0 {
+            reject!(Errno::EINVAL, "VERSION: pgsizes {x:#x} lacks 4 KiB pages");
+        }
+    }
+    num("max_dma_maps")?;
+    match caps.get("write_multiple") {
+        None => {}
+        Some(Value::Bool(b)) => n.write_multiple = *b,
+        Some(_) => reject!(Errno::EINVAL, "VERSION: \"write_multiple\" is not a boolean"),
+    }
+    for k in ["migration", "twin_socket"] {
+        if caps.get(k).is_some_and(|v| !v.is_object()) {
+            reject!(Errno::EINVAL, "VERSION: \"{k}\" is not an object");
+        }
+    }
+    Ok(n)
+}
+
+/// SET_IRQS must not turn a regular file or socket into an interrupt line: we only write 8-byte counters to
+/// eventfds.
+fn is_eventfd(fd: &OwnedFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_parsing() {
+        let q = br#"{"capabilities":{"pgsizes":4096,"max_msg_fds":16,"max_dma_maps":65535,"max_data_xfer_size":1048576,"migration":{"pgsize":4096},"write_multiple":true}}"#;
+        let mut v = q.to_vec();
+        v.push(0);
+        let n = parse_caps(&v).unwrap();
+        assert_eq!((n.client_max_xfer, n.client_max_fds, n.write_multiple), (1 << 20, 16, true));
+        assert_eq!(parse_caps(q).unwrap_err(), Errno::EINVAL, "no NUL");
+        assert_eq!(parse_caps(b"[1]\0").unwrap_err(), Errno::EINVAL);
+        assert_eq!(parse_caps(b"{\"capabilities\":{\"max_msg_fds\":-1}}\0").unwrap_err(), Errno::EINVAL);
+        assert_eq!(parse_caps(b"{\"capabilities\":{\"pgsizes\":8192}}\0").unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            parse_caps(b"{\"capabilities\":{\"max_data_xfer_size\":1099511627776}}\0").unwrap().client_max_xfer,
+            64 << 20
+        );
+        assert_eq!(parse_caps(b"").unwrap().client_max_fds, 1);
+    }
+}

@@ -1,0 +1,11 @@
+//! vfio-user protocol server: owns the socket, the wire format and the event loop, and drives a
+//! [`device::VfioDevice`].
+
+pub mod conn;
+pub mod dma;
+pub mod handlers;
+pub mod server;
+pub mod sys;
+pub mod wire;
+
+pub use server::{Endpoint, Server};

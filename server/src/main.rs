@@ -1,0 +1,108 @@
+//! `vfu-i40evf`: an emulated Intel i40e-style Virtual Function (8086:154c) behind a vfio-user socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use device::mem::GuestMem;
+use device::{I40eVf, VfConfig};
+use server::{sys, Endpoint, Server};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vfu-i40evf",
+    version,
+    about = "vfio-user server emulating an Intel i40e-style PCI Virtual Function (8086:154c, driven by Linux iavf)",
+    after_help = "Point QEMU at the socket with\n  -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"PATH\",\"type\":\"unix\"}}'\n\
+                  Logging: -v/-vv/-vvv or RUST_LOG (e.g. RUST_LOG=server=debug,device=trace)."
+)]
+struct Cli {
+    /// Listen on this UNIX socket path. A stale socket there is replaced; a live one or another file is an error.
+    /// Removed on SIGTERM/SIGINT.
+    #[arg(long, value_name = "PATH", required_unless_present = "fd", conflicts_with = "fd")]
+    socket: Option<PathBuf>,
+
+    /// Use an inherited UNIX stream socket instead: a listening one (clients one after another) or a connected
+    /// one (serve that client, exit when it leaves).
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+
+    /// The VF's MAC address (unicast, not all zeros), e.g. 02:00:00:15:4c:01.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: Option<[u8; 6]>,
+
+    /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err("expected six colon-separated hex bytes, e.g. 02:00:00:15:4c:01".into());
+    }
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(format!("'{p}' is not a two-digit hex byte"));
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("'{p}' is not a hex byte"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err("a multicast address cannot be a NIC's MAC".into());
+    }
+    if mac == [0; 6] {
+        return Err("the all-zero address is not a valid MAC".into());
+    }
+    Ok(mac)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).format_timestamp_micros().init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("vfu-i40evf: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> std::io::Result<()> {
+    let signals = sys::signal_pipe()?;
+    let (endpoint, _socket) = match (&cli.socket, cli.fd) {
+        (Some(path), _) => {
+            let (l, guard) = sys::listen(path)?;
+            log::info!("listening on {}", path.display());
+            (Endpoint::Listener(l), Some(guard))
+        }
+        (None, Some(fd)) => (sys::adopt_fd(fd)?, None),
+        (None, None) => unreachable!("clap requires --socket or --fd"),
+    };
+    let mut cfg = VfConfig::default();
+    if let Some(mac) = cli.mac {
+        cfg.mac = mac;
+    }
+    let mem = GuestMem::new();
+    let vf = I40eVf::new(cfg, mem.clone());
+    let m = vf.mac();
+    log::info!(
+        "i40e VF 8086:154c ready, MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5]
+    );
+    let mut server = Server::new(vf, mem, endpoint)?;
+    server.stop_on(signals)?;
+    server.run()
+}

@@ -1,0 +1,321 @@
+//! The protocol thread: a mio loop over the listening socket, the one client connection, the wake-up channel
+//! from device workers (outgoing DMA requests) and the signal pipe.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use device::mem::GuestMem;
+use device::{Errno, VfioDevice};
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::conn::{Conn, Event, Incoming, ReadStatus};
+use crate::dma::{DmaOp, DmaRequest, RemoteDma};
+use crate::handlers::{Ctx, Negotiated, MAX_MSG};
+use crate::wire::*;
+
+const LISTENER: Token = Token(0);
+const CLIENT: Token = Token(1);
+const WAKER: Token = Token(2);
+const SIGNAL: Token = Token(3);
+
+/// Where clients come from.
+pub enum Endpoint {
+    /// Accept clients one after the other.
+    Listener(UnixListener),
+    /// Serve this one connection, then stop.
+    Connected(UnixStream),
+}
+
+struct PendingDma {
+    cmd: u16,
+    addr: u64,
+    len: u64,
+    reply: Sender<io::Result<Vec<u8>>>,
+}
+
+struct Session {
+    id: u64,
+    conn: Conn,
+    negotiated: Option<Negotiated>,
+    pending: HashMap<u16, PendingDma>,
+    next_id: u16,
+}
+
+pub struct Server<D: VfioDevice> {
+    device: D,
+    mem: GuestMem,
+    poll: Poll,
+    waker: Arc<Waker>,
+    dma_tx: Sender<DmaRequest>,
+    dma_rx: Receiver<DmaRequest>,
+    listener: Option<UnixListener>,
+    session: Option<Session>,
+    sessions: u64,
+    signals: Option<UnixStream>,
+    waiting_logged: bool,
+}
+
+impl<D: VfioDevice> Server<D> {
+    /// `mem` is the same `GuestMem` the device was built with.
+    pub fn new(device: D, mem: GuestMem, endpoint: Endpoint) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (dma_tx, dma_rx) = unbounded();
+        let mut s = Server {
+            device,
+            mem,
+            poll,
+            waker,
+            dma_tx,
+            dma_rx,
+            listener: None,
+            session: None,
+            sessions: 0,
+            signals: None,
+            waiting_logged: false,
+        };
+        match endpoint {
+            Endpoint::Listener(mut l) => {
+                s.poll.registry().register(&mut l, LISTENER, Interest::READABLE)?;
+                s.listener = Some(l);
+            }
+            Endpoint::Connected(c) => s.start_session(c)?,
+        }
+        Ok(s)
+    }
+
+    /// Stops the loop when a byte arrives on `pipe` (the signal handler's self-pipe).
+    pub fn stop_on(&mut self, mut pipe: UnixStream) -> io::Result<()> {
+        self.poll.registry().register(&mut pipe, SIGNAL, Interest::READABLE)?;
+        self.signals = Some(pipe);
+        Ok(())
+    }
+
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Runs until a signal arrives, or, for a connected endpoint, until the client leaves.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(16);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    CLIENT => self.service_client(),
+                    WAKER => self.send_dma_requests(),
+                    SIGNAL => {
+                        log::info!("signal received: shutting down");
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+            self.flush();
+            if self.listener.is_none() && self.session.is_none() {
+                log::info!("the inherited connection closed: exiting");
+                return Ok(());
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        if self.session.is_some() {
+            if !self.waiting_logged {
+                log::info!("another client is connecting; it waits until the current one disconnects");
+                self.waiting_logged = true;
+            }
+            return;
+        }
+        let Some(l) = &self.listener else { return };
+        match l.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = self.start_session(stream) {
+                    log::error!("cannot serve the new client: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => log::warn!("accept failed: {e}"),
+        }
+    }
+
+    fn start_session(&mut self, mut stream: UnixStream) -> io::Result<()> {
+        self.poll.registry().register(&mut stream, CLIENT, Interest::READABLE | Interest::WRITABLE)?;
+        self.sessions += 1;
+        self.waiting_logged = false;
+        let who = rustix::net::sockopt::socket_peercred(stream.as_fd())
+            .map(|c| format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()))
+            .unwrap_or_else(|_| "unknown peer".into());
+        log::info!("client {} connected ({who})", self.sessions);
+        self.session = Some(Session {
+            id: self.sessions,
+            conn: Conn::new(stream, MAX_MSG),
+            negotiated: None,
+            pending: HashMap::new(),
+            next_id: 0,
+        });
+        // The client may already have sent data before we registered; edge-triggered polling would not say so.
+        self.service_client();
+        Ok(())
+    }
+
+    /// Forgets everything the client gave us and keeps the device state for the next client.
+    fn end_session(&mut self, why: &str) {
+        let Some(mut s) = self.session.take() else { return };
+        let _ = self.poll.registry().deregister(&mut s.conn.stream);
+        let maps = self.mem.len();
+        self.mem.set_transport(None);
+        self.mem.unmap_all();
+        self.device.client_gone();
+        log::info!(
+            "client {} disconnected ({why}): dropped {maps} DMA mappings, its eventfds and {} outstanding DMA requests",
+            s.id,
+            s.pending.len()
+        );
+        drop(s); // pending DMA waiters wake with "client disconnected"
+        if self.listener.is_some() {
+            self.accept();
+        }
+    }
+
+    fn service_client(&mut self) {
+        loop {
+            let Some(s) = &mut self.session else { return };
+            match s.conn.fill() {
+                Ok(ReadStatus::Data) => {
+                    if let Err(why) = self.process_input() {
+                        self.end_session(&why);
+                        return;
+                    }
+                }
+                Ok(ReadStatus::WouldBlock) => break,
+                Ok(ReadStatus::Closed) => return self.end_session("connection closed"),
+                Err(e) => return self.end_session(&format!("read error: {e}")),
+            }
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        let Some(s) = &mut self.session else { return };
+        if let Err(e) = s.conn.flush() {
+            self.end_session(&format!("write error: {e}"));
+        }
+    }
+
+    /// Handles every complete message in the input buffer. Err means the stream is unusable.
+    fn process_input(&mut self) -> Result<(), String> {
+        loop {
+            let Some(s) = &mut self.session else { return Ok(()) };
+            let Some(ev) = s.conn.next_event() else { return Ok(()) };
+            match ev {
+                Event::Corrupt(h) => return Err(format!("message header size {} < 16: stream corrupt", h.size)),
+                Event::Oversized(h) => {
+                    log::warn!("{} of {} bytes exceeds the {MAX_MSG}-byte limit: drained", command_name(h.cmd), h.size);
+                    if !h.no_reply() {
+                        s.conn.queue(message(h.id, h.cmd, TYPE_REPLY | FLAG_ERROR, libc::E2BIG as u32, &[]), vec![]);
+                    }
+                }
+                Event::Message(m) if m.header.msg_type() == TYPE_REPLY => complete_dma(s, m),
+                Event::Message(m) => self.handle_command(m),
+            }
+        }
+    }
+
+    fn handle_command(&mut self, mut m: Incoming) {
+        let Some(s) = &mut self.session else { return };
+        let h = m.header;
+        log::trace!("<- {} id {} ({} bytes, {} fds)", command_name(h.cmd), h.id, h.size, m.fds.len());
+        let result = if h.msg_type() != TYPE_COMMAND {
+            log::warn!("message type {} is neither command nor reply", h.msg_type());
+            Err(Errno::EINVAL)
+        } else {
+            let was_negotiated = s.negotiated.is_some();
+            let mut ctx = Ctx { device: &mut self.device, mem: &self.mem, negotiated: &mut s.negotiated };
+            let r = ctx.handle(&mut m);
+            if !was_negotiated {
+                if let Some(n) = &s.negotiated {
+                    let dma = RemoteDma {
+                        session: s.id,
+                        tx: self.dma_tx.clone(),
+                        waker: self.waker.clone(),
+                        chunk: n.client_max_xfer,
+                    };
+                    self.mem.set_transport(Some(Arc::new(dma)));
+                }
+            }
+            r
+        };
+        if h.no_reply() {
+            return; // posted: errors were logged by the handler
+        }
+        let (flags, errno, reply) = match result {
+            Ok(r) => (TYPE_REPLY, 0, r),
+            Err(e) => (TYPE_REPLY | FLAG_ERROR, e.0 as u32, Default::default()),
+        };
+        s.conn.queue(message(h.id, h.cmd, flags, errno, &reply.payload), reply.fds);
+    }
+
+    /// Sends the DMA requests device workers queued; a request for a session that has ended fails at once.
+    fn send_dma_requests(&mut self) {
+        while let Ok(req) = self.dma_rx.try_recv() {
+            let Some(s) = self.session.as_mut().filter(|s| s.id == req.session) else {
+                let _ = req.reply.send(Err(io::Error::new(io::ErrorKind::NotConnected, "client disconnected")));
+                continue;
+            };
+            let mut id = s.next_id;
+            while s.pending.contains_key(&id) {
+                id = id.wrapping_add(1);
+            }
+            s.next_id = id.wrapping_add(1);
+            let (cmd, len, payload) = match req.op {
+                DmaOp::Read(len) => (CMD_DMA_READ, len, Writer::default().u64(req.addr).u64(len).0),
+                DmaOp::Write(data) => {
+                    let len = data.len() as u64;
+                    (CMD_DMA_WRITE, len, Writer::default().u64(req.addr).u64(len).bytes(&data).0)
+                }
+            };
+            log::trace!("-> {} id {id} {:#x}+{len}", command_name(cmd), req.addr);
+            s.conn.queue(message(id, cmd, TYPE_COMMAND, 0, &payload), vec![]);
+            s.pending.insert(id, PendingDma { cmd, addr: req.addr, len, reply: req.reply });
+        }
+    }
+}
+
+/// Matches a client's reply to our DMA request and hands the result to the waiting worker.
+fn complete_dma(s: &mut Session, m: Incoming) {
+    let h = m.header;
+    let Some(p) = s.pending.remove(&h.id) else {
+        log::warn!("reply id {} ({}) matches no request of ours: ignored", h.id, command_name(h.cmd));
+        return;
+    };
+    let result = if h.cmd != p.cmd {
+        Err(format!("reply to {} carries command {}", command_name(p.cmd), h.cmd))
+    } else if h.flags & FLAG_ERROR != 0 {
+        Err(format!("client failed {} at {:#x}: errno {}", command_name(p.cmd), p.addr, h.errno))
+    } else {
+        let mut r = Reader::new(&m.payload);
+        match (r.u64(), r.u64(), r.rest()) {
+            (Some(a), Some(c), data) if a == p.addr && c == p.len => match p.cmd {
+                CMD_DMA_READ if data.len() as u64 == p.len => Ok(data.to_vec()),
+                CMD_DMA_WRITE => Ok(Vec::new()),
+                _ => Err(format!("DMA_READ reply has {} data bytes, asked {}", data.len(), p.len)),
+            },
+            _ => Err(format!("malformed {} reply", command_name(p.cmd))),
+        }
+    };
+    let _ = p.reply.send(result.map_err(|e| {
+        log::warn!("{e}");
+        io::Error::other(e)
+    }));
+}
