@@ -32,7 +32,11 @@ pub struct Incoming {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
-    Data,
+    /// Bytes arrived; `more` when the read filled its buffer, so the socket may hold more. A short read means it
+    /// was drained, and edge-triggered epoll reports anything that arrives later, so no EAGAIN read is needed.
+    Data {
+        more: bool,
+    },
     WouldBlock,
     Closed,
 }
@@ -117,11 +121,13 @@ impl Conn {
             return Ok(ReadStatus::Closed);
         }
         let truncated = got.flags.contains(ReturnFlags::CTRUNC);
-        if !fds.is_empty() || truncated {
+        let with_fds = !fds.is_empty() || truncated;
+        if with_fds {
             let last_byte = self.in_pos + self.inbuf.len() as u64 - 1;
             self.fds.push_back(FdBatch { last_byte, fds, truncated });
         }
-        Ok(ReadStatus::Data)
+        // The kernel ends a read after the skb that carried fds even when more data is queued.
+        Ok(ReadStatus::Data { more: got.bytes == READ_CHUNK || with_fds })
     }
 
     /// Fds that arrived with bytes before stream offset `end`.

@@ -520,4 +520,80 @@ mod tests {
         );
         assert_eq!(parse_caps(b"").unwrap().client_max_fds, 1);
     }
+
+    /// A device whose region 0 offers two mmap areas backed by a memfd.
+    struct MmapDev(OwnedFd);
+
+    impl VfioDevice for MmapDev {
+        fn num_regions(&self) -> u32 {
+            1
+        }
+        fn num_irqs(&self) -> u32 {
+            0
+        }
+        fn region_info(&self, index: u32) -> Option<device::RegionInfo> {
+            (index == 0).then(|| device::RegionInfo {
+                size: 0x10000,
+                read: true,
+                write: true,
+                mmap_areas: vec![(0, 0x1000), (0x3000, 0x2000)],
+            })
+        }
+        fn region_mmap(&self, _: u32) -> Option<device::RegionMmap<'_>> {
+            Some(device::RegionMmap { fd: std::os::fd::AsFd::as_fd(&self.0), offset: 0x40000 })
+        }
+        fn irq_info(&self, _: u32) -> Option<device::IrqInfo> {
+            None
+        }
+        fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> device::DevResult<()> {
+            Ok(())
+        }
+        fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> device::DevResult<()> {
+            Ok(())
+        }
+        fn set_irqs(&mut self, _: u32, _: IrqAction, _: u32, _: u32, _: IrqData) -> device::DevResult<()> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn client_gone(&mut self) {}
+    }
+
+    #[test]
+    fn sparse_mmap_capability_and_argsz_retry() {
+        let fd = rustix::fs::memfd_create("region", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let mut dev = MmapDev(fd);
+        let mem = GuestMem::new();
+        let mut neg = Some(Negotiated { client_max_xfer: 1 << 20, client_max_fds: 16, write_multiple: false });
+        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut neg };
+        let req = |argsz: u32| Writer::default().u32(argsz).u32(0).u32(0).u32(0).u64(0).u64(0).0;
+        let need = 32 + 8 + 8 + 2 * 16;
+
+        // Too small: the fixed part only, argsz says what is needed, no capability and no fd yet.
+        let r = ctx.region_info(&req(32)).unwrap();
+        let mut rd = Reader::new(&r.payload);
+        let (argsz, flags, index, cap_off, size, off) = (
+            rd.u32().unwrap(),
+            rd.u32().unwrap(),
+            rd.u32().unwrap(),
+            rd.u32().unwrap(),
+            rd.u64().unwrap(),
+            rd.u64().unwrap(),
+        );
+        assert_eq!((argsz, index, cap_off, size, off), (need, 0, 0, 0x10000, 0x40000));
+        let all = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE | VFIO_REGION_INFO_FLAG_MMAP;
+        assert_eq!(flags, all | VFIO_REGION_INFO_FLAG_CAPS);
+        assert_eq!(r.payload.len(), 32);
+        assert!(r.fds.is_empty());
+
+        // Retry with the size asked for: the capability chain and exactly one fd.
+        let r = ctx.region_info(&req(need)).unwrap();
+        assert_eq!(r.payload.len(), need as usize);
+        assert_eq!(r.fds.len(), 1);
+        let mut rd = Reader::new(&r.payload[12..]);
+        assert_eq!(rd.u32(), Some(32), "cap_offset");
+        let mut cap = Reader::new(&r.payload[32..]);
+        assert_eq!((cap.u16(), cap.u16(), cap.u32()), (Some(1), Some(1), Some(0)), "sparse mmap id 1 v1, last");
+        assert_eq!((cap.u32(), cap.u32()), (Some(2), Some(0)));
+        assert_eq!((cap.u64(), cap.u64(), cap.u64(), cap.u64()), (Some(0), Some(0x1000), Some(0x3000), Some(0x2000)));
+    }
 }

@@ -103,6 +103,10 @@ impl<D: VfioDevice> Server<D> {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(16);
         loop {
+            if self.listener.is_none() && self.session.is_none() {
+                log::info!("the inherited connection closed: exiting");
+                return Ok(());
+            }
             if let Err(e) = self.poll.poll(&mut events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -122,10 +126,6 @@ impl<D: VfioDevice> Server<D> {
                 }
             }
             self.flush();
-            if self.listener.is_none() && self.session.is_none() {
-                log::info!("the inherited connection closed: exiting");
-                return Ok(());
-            }
         }
     }
 
@@ -192,10 +192,13 @@ impl<D: VfioDevice> Server<D> {
         loop {
             let Some(s) = &mut self.session else { return };
             match s.conn.fill() {
-                Ok(ReadStatus::Data) => {
+                Ok(ReadStatus::Data { more }) => {
                     if let Err(why) = self.process_input() {
                         self.end_session(&why);
                         return;
+                    }
+                    if !more {
+                        break;
                     }
                 }
                 Ok(ReadStatus::WouldBlock) => break,

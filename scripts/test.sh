@@ -1,0 +1,21 @@
+#!/bin/bash
+# Every test, from a fresh Debian 12 machine: provisions QEMU 11.1.3 and the two guest kernels (cached under
+# build/), builds the workspace, runs unit, protocol and QEMU end-to-end tests, then the benchmark in quick mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "provisioning (QEMU 11.1.3, guest kernels 6.1 and 6.12)"
+qemu-configs/provision.sh
+
+step "build"
+cargo build --workspace --all-targets
+cargo build --release -p server -p bench
+
+step "tests"
+cargo test --workspace
+
+step "benchmark (quick)"
+./target/release/vfu-bench --quick
