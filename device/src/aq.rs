@@ -9,6 +9,7 @@ use crossbeam_channel::Receiver;
 
 use crate::regs::*;
 use crate::vf::{Shared, Work};
+use crate::virtchnl::{self, After, Pf};
 
 pub const DESC_SIZE: u64 = 32;
 
@@ -73,83 +74,236 @@ impl Desc {
     }
 }
 
+/// Opcode of PF -> VF messages in the ARQ.
+pub const OP_SEND_TO_VF: u16 = 0x0802;
+pub const FLAG_BUF: u16 = 0x1000;
+pub const FLAG_LB: u16 = 0x0200;
+/// Largest virtchnl message the VF may send (its AQ buffers are 4 KiB).
+pub const MAX_MSG: usize = 4096;
+/// PF -> VF messages held while the ARQ is full before the oldest are dropped.
+pub const ARQ_BACKLOG: usize = 64;
+
+/// A PF -> VF virtchnl message waiting for an ARQ slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArqMsg {
+    pub op: u32,
+    pub status: i32,
+    pub payload: Vec<u8>,
+}
+
 pub(crate) fn worker(shared: Arc<Shared>, rx: Receiver<Work>) {
     while let Ok(w) = rx.recv() {
         match w {
             Work::Atq => process_atq(&shared),
+            Work::Arq => deliver_arq(&shared),
+            Work::PfReset => pf_initiated_reset(&shared),
+            Work::Stop => return,
         }
     }
 }
 
-/// Processes ATQH..ATQT: read each descriptor, handle it, write it back with DD|CMP, then advance ATQH (the
-/// driver takes "head == tail" as done, so the head moves only after the writeback).
+struct Ring {
+    generation: u64,
+    base: u64,
+    len: u32,
+    head: u32,
+    tail: u32,
+}
+
+/// Reads a queue's registers; None when the queue is disabled.
+fn ring(shared: &Shared, len_reg: u64, bal: u64, bah: u64, head: u64, tail: u64) -> Option<Ring> {
+    let st = shared.lock();
+    let lenreg = st.regs.get(len_reg);
+    (lenreg & AQ_ENABLE != 0).then(|| Ring {
+        generation: st.generation,
+        base: u64::from(st.regs.get(bal)) | (u64::from(st.regs.get(bah)) << 32),
+        len: lenreg & AQ_LEN_MASK,
+        head: st.regs.get(head),
+        tail: st.regs.get(tail),
+    })
+}
+
+/// Marks a queue critically broken (LEN.CRIT), as hardware does on a head/tail outside the ring.
+fn stall(shared: &Shared, len_reg: u64, why: std::fmt::Arguments<'_>) {
+    log::error!("{why}; admin queue stalled until reset");
+    let mut st = shared.lock();
+    let v = st.regs.get(len_reg) | AQ_CRIT;
+    st.regs.set(len_reg, v);
+}
+
+/// Processes ATQH..ATQT: read each descriptor and its buffer, handle it, write it back with DD|CMP, then advance
+/// ATQH (the driver takes "head == tail" as done, so the head moves only after the writeback).
 fn process_atq(shared: &Shared) {
-    loop {
-        let (generation, base, len, head, tail) = {
-            let st = shared.lock();
-            let lenreg = st.regs.get(VF_ATQLEN1);
-            let base = u64::from(st.regs.get(VF_ATQBAL1)) | (u64::from(st.regs.get(VF_ATQBAH1)) << 32);
-            (st.generation, base, lenreg & AQ_LEN_MASK, st.regs.get(VF_ATQH1), st.regs.get(VF_ATQT1))
-        };
-        if !atq_enabled(shared) || head == tail {
-            return;
+    while let Some(r) = ring(shared, VF_ATQLEN1, VF_ATQBAL1, VF_ATQBAH1, VF_ATQH1, VF_ATQT1) {
+        if r.head == r.tail {
+            break;
         }
-        if len == 0 || head >= len || tail >= len {
-            log::error!("ATQ head {head} / tail {tail} outside ring of {len}: admin queue stalled until reset");
-            let mut st = shared.lock();
-            let v = st.regs.get(VF_ATQLEN1) | (1 << 30);
-            st.regs.set(VF_ATQLEN1, v);
-            return;
+        if r.len == 0 || r.head >= r.len || r.tail >= r.len {
+            return stall(
+                shared,
+                VF_ATQLEN1,
+                format_args!("ATQ head {} / tail {} outside ring of {}", r.head, r.tail, r.len),
+            );
         }
-        let at = base + u64::from(head) * DESC_SIZE;
+        let at = r.base + u64::from(r.head) * DESC_SIZE;
         let mut raw = [0u8; 32];
         if let Err(e) = shared.mem.read(at, &mut raw) {
-            log::error!("ATQ descriptor {head} at {at:#x}: {e}; admin queue stalled until reset");
-            return;
+            return stall(shared, VF_ATQLEN1, format_args!("ATQ descriptor {} at {at:#x}: {e}", r.head));
         }
         let mut d = Desc::from_bytes(&raw);
-        let ok = handle(shared, &d);
+        let after = handle(shared, &d, r.generation);
         d.flags |= FLAG_DD | FLAG_CMP;
-        if !ok {
+        if after.is_err() {
             d.flags |= FLAG_ERR;
         }
-        {
-            let st = shared.lock();
-            if st.generation != generation {
-                return; // reset while we worked: the ring is gone
-            }
+        if shared.lock().generation != r.generation {
+            return; // reset while we worked: the ring is gone
         }
         if let Err(e) = shared.mem.write(at, &d.to_bytes()) {
-            log::error!("ATQ writeback {head} at {at:#x}: {e}");
+            return stall(shared, VF_ATQLEN1, format_args!("ATQ writeback {} at {at:#x}: {e}", r.head));
+        }
+        {
+            let mut st = shared.lock();
+            if st.generation != r.generation {
+                return;
+            }
+            st.regs.set(VF_ATQH1, (r.head + 1) % r.len);
+            if after == Ok(After::LinkUp) {
+                let ev = st.pf.link_event(true);
+                st.post(virtchnl::OP_EVENT, 0, ev);
+            }
+        }
+        if after == Ok(After::ResetVf) {
+            vf_reset(shared);
             return;
         }
-        let mut st = shared.lock();
-        if st.generation == generation {
-            st.regs.set(VF_ATQH1, (head + 1) % len);
-        }
+        deliver_arq(shared);
     }
+    deliver_arq(shared);
 }
 
-fn atq_enabled(shared: &Shared) -> bool {
-    shared.lock().regs.get(VF_ATQLEN1) & AQ_ENABLE != 0
-}
-
-/// Handles one descriptor; false completes it with ERR.
-fn handle(_shared: &Shared, d: &Desc) -> bool {
+/// Handles one ATQ descriptor. Virtchnl replies are queued for the ARQ; Err completes the descriptor with ERR.
+fn handle(shared: &Shared, d: &Desc, generation: u64) -> Result<After, ()> {
     match d.opcode {
         OP_QUEUE_SHUTDOWN => {
             log::debug!("ATQ: queue shutdown (param0 {})", d.param0);
-            true
+            Ok(After::Nothing)
         }
         OP_SEND_TO_PF => {
-            log::debug!("ATQ: virtchnl op {} ({} bytes): no PF side yet", d.cookie_high, d.datalen);
-            true
+            let op = d.cookie_high;
+            let len = usize::from(d.datalen);
+            let mut msg = vec![0u8; len];
+            if len > 0 {
+                if d.flags & FLAG_BUF == 0 || len > MAX_MSG {
+                    log::warn!("virtchnl op {op}: {len} bytes without a buffer or over {MAX_MSG}");
+                    return Err(());
+                }
+                let addr = (u64::from(d.addr_high) << 32) | u64::from(d.addr_low);
+                if let Err(e) = shared.mem.read(addr, &mut msg) {
+                    log::warn!("virtchnl op {op}: message buffer: {e}");
+                    return Err(());
+                }
+            }
+            let mut st = shared.lock();
+            if st.generation != generation {
+                return Ok(After::Nothing);
+            }
+            log::debug!("virtchnl: <- op {op} ({len} bytes)");
+            let out = st.pf.handle(op, &msg);
+            if op == virtchnl::OP_CONFIG_VSI_QUEUES && matches!(out.reply, Some((0, _))) {
+                st.tx_head.fill(0); // fresh rings start at descriptor 0
+            }
+            if let Some((status, payload)) = out.reply {
+                st.post(op, status, payload);
+            }
+            Ok(out.after)
         }
         op => {
             log::debug!("ATQ: opcode {op:#06x} completed without action");
-            true
+            Ok(After::Nothing)
         }
     }
+}
+
+/// Moves queued PF -> VF messages into the ARQ's posted buffers while there are free slots, then raises the
+/// admin queue interrupt cause.
+pub(crate) fn deliver_arq(shared: &Shared) {
+    while let Some(r) = ring(shared, VF_ARQLEN1, VF_ARQBAL1, VF_ARQBAH1, VF_ARQH1, VF_ARQT1) {
+        if r.len == 0 || r.head >= r.len || r.tail >= r.len {
+            return stall(
+                shared,
+                VF_ARQLEN1,
+                format_args!("ARQ head {} / tail {} outside ring of {}", r.head, r.tail, r.len),
+            );
+        }
+        // Slots head..tail belong to the device; head == tail means none is free.
+        if r.head == r.tail {
+            return;
+        }
+        let Some(m) = shared.lock().arq_backlog.pop_front() else { return };
+        let at = r.base + u64::from(r.head) * DESC_SIZE;
+        let mut raw = [0u8; 32];
+        if let Err(e) = shared.mem.read(at, &mut raw) {
+            return stall(shared, VF_ARQLEN1, format_args!("ARQ descriptor {} at {at:#x}: {e}", r.head));
+        }
+        let mut d = Desc::from_bytes(&raw);
+        let buf = (u64::from(d.addr_high) << 32) | u64::from(d.addr_low);
+        if !m.payload.is_empty() && (d.flags & FLAG_BUF == 0 || usize::from(d.datalen) < m.payload.len()) {
+            log::error!(
+                "ARQ slot {} has no room ({} byte buffer, flags {:#x}) for op {} ({} bytes): message dropped",
+                r.head,
+                d.datalen,
+                d.flags,
+                m.op,
+                m.payload.len()
+            );
+            continue;
+        }
+        if !m.payload.is_empty() {
+            if let Err(e) = shared.mem.write(buf, &m.payload) {
+                return stall(shared, VF_ARQLEN1, format_args!("ARQ buffer {buf:#x}: {e}"));
+            }
+        }
+        d.flags = (d.flags & (FLAG_BUF | FLAG_LB)) | FLAG_DD | FLAG_CMP;
+        d.opcode = OP_SEND_TO_VF;
+        d.datalen = m.payload.len() as u16;
+        d.retval = 0;
+        d.cookie_high = m.op;
+        d.cookie_low = m.status as u32;
+        if shared.lock().generation != r.generation {
+            return;
+        }
+        if let Err(e) = shared.mem.write(at, &d.to_bytes()) {
+            return stall(shared, VF_ARQLEN1, format_args!("ARQ writeback {} at {at:#x}: {e}", r.head));
+        }
+        let mut st = shared.lock();
+        if st.generation != r.generation {
+            return;
+        }
+        st.regs.set(VF_ARQH1, (r.head + 1) % r.len);
+        log::debug!("virtchnl: -> op {} status {} ({} bytes)", m.op, m.status, m.payload.len());
+        st.raise_misc(ICR0_ADMINQ);
+    }
+}
+
+/// The VF reset sequence: RSTAT goes INPROGRESS (state cleared, admin queue disabled), COMPLETED, then VFACTIVE.
+pub(crate) fn vf_reset(shared: &Shared) {
+    log::info!("VF reset: in progress");
+    shared.lock().vf_reset();
+    for (state, name) in [(RSTAT_COMPLETED, "completed"), (RSTAT_VFACTIVE, "VF active")] {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        shared.lock().regs.set(VFGEN_RSTAT, state);
+        log::info!("VF reset: {name}");
+    }
+}
+
+/// A reset the PF starts: warn the driver with RESET_IMPENDING, give it a moment to read it, then reset.
+fn pf_initiated_reset(shared: &Shared) {
+    log::info!("PF-initiated VF reset: sending RESET_IMPENDING");
+    shared.lock().post(virtchnl::OP_EVENT, 0, Pf::reset_impending_event());
+    deliver_arq(shared);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    vf_reset(shared);
 }
 
 #[cfg(test)]

@@ -4,11 +4,15 @@
 //! state. Guest memory reaches the device through [`mem::GuestMem`], which the server fills from DMA_MAP.
 
 pub mod aq;
+pub mod datapath;
+pub mod driver_model;
 pub mod irq;
 pub mod mem;
 pub mod pci;
 pub mod regs;
 pub mod vf;
+pub mod virtchnl;
+mod wire_le;
 
 use std::fmt;
 use std::os::fd::OwnedFd;

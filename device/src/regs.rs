@@ -31,6 +31,7 @@ pub const AQ_LEN_MASK: u32 = 0x3ff;
 pub const AQ_ENABLE: u32 = 1 << 31;
 /// VFE, OVFL, CRIT: error bits the device sets and the driver clears.
 pub const AQ_ERR_BITS: u32 = 0x7 << 28;
+pub const AQ_CRIT: u32 = 1 << 30;
 
 /// VFGEN_RSTAT values (bits 0-1).
 pub const RSTAT_INPROGRESS: u32 = 0;

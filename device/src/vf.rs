@@ -1,31 +1,47 @@
 //! The i40e VF: PCI personality, BAR0 register semantics, MSI-X, reset. Work that touches guest memory (the admin
 //! queue) runs on the device's worker thread so the protocol thread never waits for the client.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Sender};
 
+use crate::aq::{ArqMsg, ARQ_BACKLOG};
+use crate::datapath::{self, DpWork};
 use crate::irq::{self, Interrupts};
 use crate::mem::GuestMem;
 use crate::pci::{self, PciConfig};
 use crate::regs::*;
+use crate::virtchnl::{LinkSpeed, Pf};
 use crate::{aq, DevResult, Errno, IrqAction, IrqData, IrqInfo, RegionInfo, VfioDevice};
 
 pub const NUM_REGIONS: u32 = 9;
 pub const CONFIG_REGION: u32 = 7;
+/// A real i40e VF's MSI-X table: 4 queue vectors and the misc vector.
 pub const MSIX_VECTORS: u16 = 5;
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 /// What the user chose on the command line.
 #[derive(Debug, Clone)]
 pub struct VfConfig {
     pub mac: [u8; 6],
+    /// Queue pairs offered to the driver (1..=16).
+    pub queue_pairs: u16,
+    pub link_speed: LinkSpeed,
 }
 
 impl Default for VfConfig {
     fn default() -> Self {
-        // Locally administered unicast.
-        VfConfig { mac: [0x02, 0x00, 0x00, 0x15, 0x4c, 0x01] }
+        // Locally administered unicast; 4 queue pairs and 5 vectors like a real VF.
+        VfConfig { mac: [0x02, 0x00, 0x00, 0x15, 0x4c, 0x01], queue_pairs: 4, link_speed: LinkSpeed(10000) }
+    }
+}
+
+impl VfConfig {
+    /// MSI-X vectors: one per queue pair plus the misc vector, at least the real VF's five.
+    pub fn msix_vectors(&self) -> u16 {
+        (self.queue_pairs + 1).max(MSIX_VECTORS)
     }
 }
 
@@ -40,29 +56,64 @@ pub struct VfState {
     pub pending: Vec<bool>,
     /// Bumped by every reset, so work started before a reset does not write back after it.
     pub generation: u64,
+    /// The PF's view of the VF (virtchnl state).
+    pub pf: Pf,
+    /// PF -> VF messages waiting for ARQ slots.
+    pub arq_backlog: VecDeque<ArqMsg>,
+    /// Per TX queue: the next descriptor the device will read.
+    pub tx_head: Vec<u32>,
 }
 
 impl VfState {
-    fn power_on() -> Self {
-        let n = MSIX_VECTORS as usize;
+    fn power_on(cfg: &VfConfig) -> Self {
+        let n = cfg.msix_vectors();
         VfState {
-            config: pci::vf_config(MSIX_VECTORS),
+            config: pci::vf_config(n),
             regs: RegFile::power_on(pci::BAR0_SIZE),
-            irq: Interrupts::new(n),
-            intena: vec![false; n],
-            pending: vec![false; n],
+            irq: Interrupts::new(n as usize),
+            intena: vec![false; n as usize],
+            pending: vec![false; n as usize],
             generation: 0,
+            pf: Pf::new(cfg.mac, cfg.queue_pairs, n, cfg.link_speed),
+            arq_backlog: VecDeque::new(),
+            tx_head: vec![0; cfg.queue_pairs as usize],
         }
     }
 
-    /// Back to power-on, keeping the client's eventfds and the generation count.
-    fn reset(&mut self) {
+    /// DEVICE_RESET / FLR: back to power-on, keeping the client's eventfds, the generation count and the
+    /// negotiated virtchnl version.
+    fn reset(&mut self, cfg: &VfConfig) {
         let generation = self.generation + 1;
+        let version = self.pf.version;
         let irq = std::mem::replace(&mut self.irq, Interrupts::new(0));
-        *self = VfState::power_on();
+        *self = VfState::power_on(cfg);
         self.irq = irq;
         self.irq.reset();
         self.generation = generation;
+        self.pf.version = version;
+    }
+
+    /// VF reset (RESET_VF or PF-initiated): registers, admin queue, queues, filters, IRQ map and RSS are
+    /// forgotten; config space, MSI-X table and the virtchnl version stay. RSTAT reads INPROGRESS afterwards;
+    /// the caller moves it on.
+    pub fn vf_reset(&mut self) {
+        self.generation += 1;
+        self.regs = RegFile::power_on(pci::BAR0_SIZE);
+        self.regs.set(VFGEN_RSTAT, RSTAT_INPROGRESS);
+        self.intena.fill(false);
+        self.pending.fill(false);
+        self.pf.reset();
+        self.arq_backlog.clear();
+        self.tx_head.fill(0);
+    }
+
+    /// Queues a PF -> VF message for the ARQ. A driver that stopped returning ARQ buffers loses the oldest.
+    pub fn post(&mut self, op: u32, status: i32, payload: Vec<u8>) {
+        if self.arq_backlog.len() >= ARQ_BACKLOG {
+            let lost = self.arq_backlog.pop_front();
+            log::warn!("ARQ backlog full: dropped PF message op {:?}", lost.map(|m| m.op));
+        }
+        self.arq_backlog.push_back(ArqMsg { op, status, payload });
     }
 
     /// Raises vector `v`: fires now if enabled (then auto-masks), otherwise remembers it.
@@ -120,28 +171,62 @@ impl Shared {
 pub(crate) enum Work {
     /// ATQT moved: process the transmit admin queue.
     Atq,
+    /// ARQT moved: buffers were returned, deliver what is waiting.
+    Arq,
+    /// The PF resets the VF on its own (RESET_IMPENDING first).
+    PfReset,
+    /// The device is being dropped. (Channel disconnection cannot signal it: reset handles keep senders.)
+    Stop,
+}
+
+#[derive(Clone)]
+pub struct PfResetHandle(Option<Sender<Work>>);
+
+impl PfResetHandle {
+    pub fn trigger(&self) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(Work::PfReset);
+        }
+    }
 }
 
 pub struct I40eVf {
     shared: Arc<Shared>,
     work: Option<Sender<Work>>,
-    worker: Option<JoinHandle<()>>,
+    dp: Option<Sender<DpWork>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl I40eVf {
     pub fn new(cfg: VfConfig, mem: GuestMem) -> Self {
-        let shared = Arc::new(Shared { state: Mutex::new(VfState::power_on()), mem, cfg });
+        let shared = Arc::new(Shared { state: Mutex::new(VfState::power_on(&cfg)), mem, cfg });
         let (tx, rx) = unbounded();
         let s = shared.clone();
-        let worker = std::thread::Builder::new()
+        let aq = std::thread::Builder::new()
             .name("vf-aq".into())
             .spawn(move || aq::worker(s, rx))
             .expect("spawning the admin queue worker");
-        I40eVf { shared, work: Some(tx), worker: Some(worker) }
+        let (dtx, drx) = unbounded();
+        let s = shared.clone();
+        let dp = std::thread::Builder::new()
+            .name("vf-datapath".into())
+            .spawn(move || datapath::worker(s, drx))
+            .expect("spawning the datapath worker");
+        I40eVf { shared, work: Some(tx), dp: Some(dtx), workers: vec![aq, dp] }
     }
 
     pub fn mac(&self) -> [u8; 6] {
         self.shared.cfg.mac
+    }
+
+    /// A VF reset the PF starts on its own: the driver gets RESET_IMPENDING, then the reset happens.
+    pub fn pf_reset(&self) {
+        self.kick(Work::PfReset);
+    }
+
+    /// A handle that starts [`I40eVf::pf_reset`] from another thread (a signal handler thread, say).
+    pub fn pf_reset_handle(&self) -> PfResetHandle {
+        PfResetHandle(self.work.clone())
     }
 
     fn kick(&self, w: Work) {
@@ -204,11 +289,23 @@ impl I40eVf {
                     );
                 }
             }
-            VF_ATQH1 | VF_ARQH1 | VF_ARQT1 => st.regs.set(off, val & AQ_LEN_MASK),
+            VF_ATQH1 | VF_ARQH1 => st.regs.set(off, val & AQ_LEN_MASK),
+            VF_ARQT1 => {
+                st.regs.set(off, val & AQ_LEN_MASK);
+                drop(st);
+                self.kick(Work::Arq);
+            }
             VF_ATQT1 => {
                 st.regs.set(off, val & AQ_LEN_MASK);
                 drop(st);
                 self.kick(Work::Atq);
+            }
+            _ if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
+                st.regs.set(off, val);
+                drop(st);
+                if let Some(dp) = &self.dp {
+                    let _ = dp.send(DpWork::Tx(((off - QTX_TAIL1) / 4) as u16));
+                }
             }
             VFINT_DYN_CTL01 => {
                 st.regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
@@ -246,15 +343,20 @@ impl I40eVf {
         let devctl = st.config.u16(pci::PCIE_DEVCTL);
         if devctl & pci::PCIE_DEVCTL_FLR != 0 {
             log::info!("function level reset requested through PCIe Device Control");
-            st.reset();
+            st.reset(&self.shared.cfg);
         }
     }
 }
 
 impl Drop for I40eVf {
     fn drop(&mut self) {
-        self.work = None;
-        if let Some(w) = self.worker.take() {
+        if let Some(w) = self.work.take() {
+            let _ = w.send(Work::Stop);
+        }
+        if let Some(d) = self.dp.take() {
+            let _ = d.send(DpWork::Stop);
+        }
+        for w in self.workers.drain(..) {
             let _ = w.join();
         }
     }
@@ -284,7 +386,7 @@ impl VfioDevice for I40eVf {
         let efd = |count, maskable| IrqInfo { count, eventfd: true, maskable, ..Default::default() };
         match index {
             irq::INTX | irq::MSI => Some(IrqInfo { count: 0, ..Default::default() }),
-            irq::MSIX => Some(efd(u32::from(MSIX_VECTORS), true)),
+            irq::MSIX => Some(efd(u32::from(self.shared.cfg.msix_vectors()), true)),
             irq::ERR | irq::REQ => Some(efd(1, false)),
             _ => None,
         }
@@ -316,7 +418,7 @@ impl VfioDevice for I40eVf {
 
     fn reset(&mut self) {
         log::info!("device reset");
-        self.shared.lock().reset();
+        self.shared.lock().reset(&self.shared.cfg);
     }
 
     fn client_gone(&mut self) {

@@ -15,8 +15,8 @@ use crate::wire::*;
 
 /// Largest data transfer we accept in one message (REGION_WRITE data, REGION_READ count).
 pub const MAX_DATA_XFER: usize = 1 << 20;
-/// Largest message we accept: the data plus fixed parts, with headroom.
-pub const MAX_MSG: usize = HEADER_SIZE + 16 + MAX_DATA_XFER + 4096;
+/// Largest message we accept: header, the data, and 4 KiB headroom for the fixed parts.
+pub const MAX_MSG: usize = HEADER_SIZE + MAX_DATA_XFER + 4096;
 pub const MAX_MSG_FDS: usize = 16;
 pub const MAX_DMA_MAPS: usize = 65535;
 /// The largest data transfer a client may ask us to honour (QEMU's own ceiling).

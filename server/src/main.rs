@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use device::mem::GuestMem;
+use device::virtchnl::LinkSpeed;
 use device::{I40eVf, VfConfig};
 use server::{sys, Endpoint, Server};
 
@@ -14,6 +15,7 @@ use server::{sys, Endpoint, Server};
     version,
     about = "vfio-user server emulating an Intel i40e-style PCI Virtual Function (8086:154c, driven by Linux iavf)",
     after_help = "Point QEMU at the socket with\n  -device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"path\":\"PATH\",\"type\":\"unix\"}}'\n\
+                  SIGUSR1 makes the PF reset the VF (RESET_IMPENDING, then a VF reset).\n\
                   Logging: -v/-vv/-vvv or RUST_LOG (e.g. RUST_LOG=server=debug,device=trace)."
 )]
 struct Cli {
@@ -31,9 +33,25 @@ struct Cli {
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
 
+    /// Queue pairs offered to the driver (1-16). MSI-X vectors = pairs + 1, at least 5.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    queues: u16,
+
+    /// Link speed reported to the driver, in Mbps: 100, 1000, 2500, 5000, 10000, 20000, 25000, 40000 or 100000.
+    #[arg(long, value_name = "MBPS", default_value_t = 10000, value_parser = parse_speed)]
+    link_speed: u32,
+
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+fn parse_speed(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("'{s}' is not a number of Mbps"))?;
+    if !LinkSpeed::VALID.contains(&v) {
+        return Err(format!("{v} Mbps is not a speed virtchnl can report; use one of {:?}", LinkSpeed::VALID));
+    }
+    Ok(v)
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -86,7 +104,7 @@ fn run(cli: Cli) -> std::io::Result<()> {
         (None, Some(fd)) => (sys::adopt_fd(fd)?, None),
         (None, None) => unreachable!("clap requires --socket or --fd"),
     };
-    let mut cfg = VfConfig::default();
+    let mut cfg = VfConfig { queue_pairs: cli.queues, link_speed: LinkSpeed(cli.link_speed), ..Default::default() };
     if let Some(mac) = cli.mac {
         cfg.mac = mac;
     }
@@ -94,14 +112,17 @@ fn run(cli: Cli) -> std::io::Result<()> {
     let vf = I40eVf::new(cfg, mem.clone());
     let m = vf.mac();
     log::info!(
-        "i40e VF 8086:154c ready, MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        "i40e VF 8086:154c ready: MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, {} queue pairs, {} Mbps",
         m[0],
         m[1],
         m[2],
         m[3],
         m[4],
-        m[5]
+        m[5],
+        cli.queues,
+        cli.link_speed
     );
+    sys::on_sigusr1(vf.pf_reset_handle())?;
     let mut server = Server::new(vf, mem, endpoint)?;
     server.stop_on(signals)?;
     server.run()
