@@ -1,6 +1,7 @@
 #!/bin/bash
 # The demo, from a fresh Debian 12 machine: provisions QEMU and a guest, starts the vfu-i40evf server and an
-# unmodified QEMU attached to it, and prints what the guest sees (its PCI devices, iavf bound to 8086:154c).
+# unmodified QEMU attached to it, brings the VF's interface up in the guest and prints what the guest sees (its PCI
+# devices with iavf bound to 8086:154c, the interface up with the server's MAC).
 # Options: --kernel 6.1|6.12 (default 6.12), --ram memfd|plain (default memfd), --mac MAC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ for _ in $(seq 100); do [ -S "$dir/vf.sock" ] && break; sleep 0.05; done
 [ -S "$dir/vf.sock" ] || { cat "$dir/server.log"; echo "demo.sh: server did not start" >&2; exit 1; }
 
 echo "=== guest (kernel $kernel, $ram RAM) attached to vfu-i40evf at $dir/vf.sock"
-qemu-configs/run-vm.sh --socket "$dir/vf.sock" --kernel "$kernel" --ram "$ram" --append guest.wait=5 \
-  | tr -d '\r' | sed -n '/^GUEST: kernel\|^=== \|driver=\|^\[/p; /GUEST: done/q'
+qemu-configs/run-vm.sh --socket "$dir/vf.sock" --kernel "$kernel" --ram "$ram" --script qemu-configs/guest/demo.sh \
+  | tr -d '\r' | sed -n '/GUEST: kernel/,/GUEST: done/p'
 echo "=== server log"
 cat "$dir/server.log"

@@ -2,11 +2,15 @@
 //! buffers in guest memory and exchanges virtchnl messages the way iavf does. Tests drive the device with it,
 //! directly (`VfBus`) or over a vfio-user socket (client-tests implement [`Bus`] on their client).
 
+use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::aq::{ArqMsg, Desc, FLAG_BUF, FLAG_DD, FLAG_LB, OP_SEND_TO_PF, OP_SEND_TO_VF};
+use crate::mem::{DmaTransport, GuestMem};
 use crate::regs::*;
 use crate::virtchnl::*;
+use crate::{I40eVf, VfConfig, VfioDevice};
 
 /// Register and memory access as the VF driver has it.
 pub trait Bus {
@@ -276,4 +280,62 @@ pub fn msg_queue_select(rx: u32, tx: u32) -> Vec<u8> {
     m.extend_from_slice(&rx.to_le_bytes());
     m.extend_from_slice(&tx.to_le_bytes());
     m
+}
+
+/// Guest memory of the test bench: a plain buffer the "driver" writes directly and the device reaches through a
+/// DMA transport, as it reaches fd-less QEMU RAM.
+pub struct Ram(pub Mutex<Vec<u8>>);
+
+impl DmaTransport for Ram {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        let v = self.0.lock().unwrap();
+        let s = v.get(addr as usize..addr as usize + buf.len()).ok_or(io::ErrorKind::InvalidInput)?;
+        buf.copy_from_slice(s);
+        Ok(())
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
+        let mut v = self.0.lock().unwrap();
+        v.get_mut(addr as usize..addr as usize + data.len()).ok_or(io::ErrorKind::InvalidInput)?.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// The VF driven directly through [`VfioDevice`], with [`Ram`] as guest memory.
+pub struct VfBus {
+    pub vf: I40eVf,
+    pub ram: Arc<Ram>,
+}
+
+impl Bus for VfBus {
+    fn read32(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.vf.region_read(0, off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+    fn write32(&mut self, off: u64, v: u32) {
+        self.vf.region_write(0, off, &v.to_le_bytes()).unwrap();
+    }
+    fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
+        self.ram.read(addr, buf).unwrap();
+    }
+    fn mem_write(&mut self, addr: u64, data: &[u8]) {
+        self.ram.write(addr, data).unwrap();
+    }
+}
+
+/// Test bench memory size; the admin queue area and rings sit at [`AQ_BASE`] and [`RINGS`].
+pub const TESTBED_RAM: u64 = 4 << 20;
+pub const AQ_BASE: u64 = 0x10_0000;
+pub const RINGS: u64 = 0x20_0000;
+
+/// A fresh VF with `TESTBED_RAM` of guest memory mapped at 0, and a driver model past power-on.
+pub fn testbed(cfg: VfConfig) -> DriverModel<VfBus> {
+    let mem = GuestMem::new();
+    let ram = Arc::new(Ram(Mutex::new(vec![0; TESTBED_RAM as usize])));
+    mem.map(0, TESTBED_RAM, true, true, None).expect("mapping test RAM");
+    mem.set_transport(Some(ram.clone()));
+    let vf = I40eVf::new(cfg, mem);
+    let mut d = DriverModel::new(VfBus { vf, ram }, AQ_BASE);
+    assert!(d.wait_active(Duration::from_secs(2)), "RSTAT must read VFACTIVE at power-on");
+    d
 }

@@ -1,71 +1,23 @@
 //! The PF side of virtchnl, driven through registers and guest memory by the iavf driver model, and every op's
 //! handling of malformed requests.
 
-use std::io;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use device::aq::{Desc, FLAG_CMP, FLAG_DD, FLAG_ERR, OP_QUEUE_SHUTDOWN};
-use device::driver_model::{self as dm, Bus, DriverModel};
+use device::driver_model::{self as dm, Bus, DriverModel, VfBus};
 use device::irq;
-use device::mem::{DmaTransport, GuestMem};
 use device::regs::*;
 use device::virtchnl::*;
-use device::{I40eVf, IrqAction, IrqData, VfConfig, VfioDevice};
+use device::{IrqAction, IrqData, VfConfig, VfioDevice};
 
-const MEM: usize = 4 << 20;
-const AQ_BASE: u64 = 0x10_0000;
-const RINGS: u64 = 0x20_0000;
+const AQ_BASE: u64 = dm::AQ_BASE;
+const RINGS: u64 = dm::RINGS;
 const SEC: Duration = Duration::from_secs(2);
-
-/// Guest memory as a plain buffer both the "driver" and the device (through a DMA transport) reach.
-struct Ram(Mutex<Vec<u8>>);
-
-impl DmaTransport for Ram {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        let v = self.0.lock().unwrap();
-        buf.copy_from_slice(&v[addr as usize..addr as usize + buf.len()]);
-        Ok(())
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
-        self.0.lock().unwrap()[addr as usize..addr as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-}
-
-struct VfBus {
-    vf: I40eVf,
-    ram: Arc<Ram>,
-}
-
-impl Bus for VfBus {
-    fn read32(&mut self, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.vf.region_read(0, off, &mut b).unwrap();
-        u32::from_le_bytes(b)
-    }
-    fn write32(&mut self, off: u64, v: u32) {
-        self.vf.region_write(0, off, &v.to_le_bytes()).unwrap();
-    }
-    fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
-        self.ram.read(addr, buf).unwrap();
-    }
-    fn mem_write(&mut self, addr: u64, data: &[u8]) {
-        self.ram.write(addr, data).unwrap();
-    }
-}
 
 fn driver_with(cfg: VfConfig) -> DriverModel<VfBus> {
     let _ = env_logger::builder().is_test(true).try_init();
-    let mem = GuestMem::new();
-    let ram = Arc::new(Ram(Mutex::new(vec![0; MEM])));
-    mem.map(0, MEM as u64, true, true, None).unwrap();
-    mem.set_transport(Some(ram.clone()));
-    let vf = I40eVf::new(cfg, mem);
-    let mut d = DriverModel::new(VfBus { vf, ram }, AQ_BASE);
-    assert!(d.wait_active(SEC), "RSTAT must read VFACTIVE at power-on");
-    d
+    dm::testbed(cfg)
 }
 
 fn driver() -> DriverModel<VfBus> {

@@ -46,7 +46,6 @@ struct Session {
 }
 
 pub struct Server<D: VfioDevice> {
-    device: D,
     mem: GuestMem,
     poll: Poll,
     waker: Arc<Waker>,
@@ -57,6 +56,8 @@ pub struct Server<D: VfioDevice> {
     sessions: u64,
     signals: Option<UnixStream>,
     waiting_logged: bool,
+    /// Last, so it is dropped after the session and the DMA channel: its workers may be waiting on them.
+    device: D,
 }
 
 impl<D: VfioDevice> Server<D> {
@@ -66,7 +67,6 @@ impl<D: VfioDevice> Server<D> {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (dma_tx, dma_rx) = unbounded();
         let mut s = Server {
-            device,
             mem,
             poll,
             waker,
@@ -77,6 +77,7 @@ impl<D: VfioDevice> Server<D> {
             sessions: 0,
             signals: None,
             waiting_logged: false,
+            device,
         };
         match endpoint {
             Endpoint::Listener(mut l) => {
@@ -120,6 +121,7 @@ impl<D: VfioDevice> Server<D> {
                     WAKER => self.send_dma_requests(),
                     SIGNAL => {
                         log::info!("signal received: shutting down");
+                        self.close_session("server shutting down");
                         return Ok(());
                     }
                     _ => {}
@@ -169,8 +171,17 @@ impl<D: VfioDevice> Server<D> {
         Ok(())
     }
 
-    /// Forgets everything the client gave us and keeps the device state for the next client.
+    /// Closes the session and serves the next client waiting, if any.
     fn end_session(&mut self, why: &str) {
+        self.close_session(why);
+        if self.listener.is_some() {
+            self.accept();
+        }
+    }
+
+    /// Forgets everything the client gave us and keeps the device state for the next client. DMA requests still
+    /// outstanding or queued fail, so no device worker waits on a client that is gone.
+    fn close_session(&mut self, why: &str) {
         let Some(mut s) = self.session.take() else { return };
         let _ = self.poll.registry().deregister(&mut s.conn.stream);
         let maps = self.mem.len();
@@ -183,8 +194,8 @@ impl<D: VfioDevice> Server<D> {
             s.pending.len()
         );
         drop(s); // pending DMA waiters wake with "client disconnected"
-        if self.listener.is_some() {
-            self.accept();
+        while let Ok(req) = self.dma_rx.try_recv() {
+            let _ = req.reply.send(Err(io::Error::new(io::ErrorKind::NotConnected, "client disconnected")));
         }
     }
 
