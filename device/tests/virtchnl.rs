@@ -11,7 +11,6 @@ use device::regs::*;
 use device::virtchnl::*;
 use device::{IrqAction, IrqData, VfConfig, VfioDevice};
 
-const AQ_BASE: u64 = dm::AQ_BASE;
 const RINGS: u64 = dm::RINGS;
 const SEC: Duration = Duration::from_secs(2);
 
