@@ -212,6 +212,7 @@ fn handle(shared: &Shared, d: &Desc, generation: u64) -> Result<After, ()> {
             let out = st.pf.handle(op, &msg);
             if op == virtchnl::OP_CONFIG_VSI_QUEUES && matches!(out.reply, Some((0, _))) {
                 st.tx_head.fill(0); // fresh rings start at descriptor 0
+                st.rx_head.fill(0);
             }
             if let Some((status, payload)) = out.reply {
                 st.post(op, status, payload);

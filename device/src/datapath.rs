@@ -1,15 +1,16 @@
-//! The datapath worker: TX descriptor rings in guest memory.
+//! The datapath worker: TX and RX descriptor rings in guest memory.
 //!
 //! A tail write (a trapped, posted register write) kicks this worker; the protocol thread never waits for it.
-//! Frames are parsed and counted; with no packet backend attached they are dropped after completion, as a NIC
-//! with no link partner would.
+//! Transmitted frames go to the device's [`FrameSink`](crate::net::FrameSink); frames from the wire arrive through
+//! an [`RxPort`](crate::net::RxPort), are filtered by MAC, steered to a queue (RSS when granted) and written into
+//! the buffers the driver posted, waiting in a bounded backlog while a ring has none.
 
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
 use crate::mem::MemError;
-use crate::regs::QTX_TAIL1;
+use crate::regs::{QRX_TAIL1, QTX_TAIL1};
 use crate::vf::Shared;
 
 pub const TX_DESC: u64 = 16;
@@ -27,13 +28,28 @@ const MAX_FRAME: usize = 16 * 1024;
 pub(crate) enum DpWork {
     /// QTX_TAIL(q) moved.
     Tx(u16),
+    /// QRX_TAIL(q) moved: buffers were posted.
+    RxTail(u16),
+    /// A frame from the wire.
+    Rx(Vec<u8>),
     Stop,
 }
+
+/// RX descriptor (32-byte legacy format) writeback bits.
+pub const RX_DESC: u64 = 32;
+const RX_DD: u64 = 1 << 0;
+const RX_EOF: u64 = 1 << 1;
+const RX_FLTSTAT_RSS: u64 = 3 << 12;
+const RX_LEN_SHIFT: u32 = 38;
+/// Frames held per queue while its ring has no free buffer.
+pub const RX_BACKLOG: usize = 512;
 
 pub(crate) fn worker(shared: Arc<Shared>, rx: Receiver<DpWork>) {
     while let Ok(w) = rx.recv() {
         match w {
             DpWork::Tx(q) => process_tx(&shared, q),
+            DpWork::RxTail(q) => drain_rx(&shared, q),
+            DpWork::Rx(frame) => receive(&shared, frame),
             DpWork::Stop => return,
         }
     }
@@ -89,6 +105,13 @@ fn process_tx(shared: &Shared, q: u16) {
                 }
                 st.tx_head[qi] = next;
                 count_tx(&mut st.pf.stats, &frame);
+                let sink = st.sink.clone();
+                drop(st);
+                sink.transmit(&frame);
+                let mut st = shared.lock();
+                if st.generation != generation {
+                    return;
+                }
                 let vectors: Vec<usize> =
                     st.pf.irq_map.iter().enumerate().filter(|(_, m)| m.1 & (1 << q) != 0).map(|(v, _)| v).collect();
                 for v in vectors {
@@ -155,4 +178,138 @@ fn disable(shared: &Shared, q: u16, generation: u64, why: Mdd) {
     st.pf.tx_enabled &= !(1 << q);
     st.pf.stats[11] += 1; // tx_errors
     log::error!("TX queue {q} disabled (malicious driver detection): {why}");
+}
+
+/// Where a received frame goes: filtered by destination MAC, then steered to an enabled queue.
+fn receive(shared: &Shared, frame: Vec<u8>) {
+    let mut st = shared.lock();
+    if frame.len() < 14 || !st.pf.queues_enabled() {
+        st.pf.stats[4] += 1; // rx_discards
+        return;
+    }
+    let dst: [u8; 6] = frame[..6].try_into().unwrap();
+    let (bcast, mcast) = (dst == [0xff; 6], dst[0] & 1 == 1);
+    let wanted =
+        bcast || st.pf.macs.contains(&dst) || (!mcast && st.pf.promisc & 1 != 0) || (mcast && st.pf.promisc & 2 != 0);
+    if !wanted {
+        return; // not for us: a NIC filters it silently
+    }
+    let q = st.pf.rx_queue_for(&frame);
+    let Some(q) = q else {
+        st.pf.stats[4] += 1;
+        return;
+    };
+    let backlog = &mut st.rx_backlog[q as usize];
+    if backlog.len() >= RX_BACKLOG {
+        st.pf.stats[4] += 1;
+        return;
+    }
+    backlog.push_back(frame);
+    drop(st);
+    drain_rx(shared, q);
+}
+
+/// Writes waiting frames into queue `q`'s posted buffers until the backlog or the buffers run out.
+fn drain_rx(shared: &Shared, q: u16) {
+    let qi = q as usize;
+    let mut delivered = 0;
+    loop {
+        let (generation, cfg, head, frame) = {
+            let mut st = shared.lock();
+            let Some(cfg) = st.pf.rx.get(qi).copied().flatten() else { return };
+            if st.pf.rx_enabled & (1 << q) == 0 {
+                return;
+            }
+            let tail = st.regs.get(QRX_TAIL1 + 4 * u64::from(q));
+            let head = st.rx_head[qi];
+            if tail >= cfg.len {
+                drop(st);
+                return disable_rx(shared, q, Mdd::Desc("RX tail past the end of the ring"));
+            }
+            let free = (tail + cfg.len - head) % cfg.len;
+            let Some(frame) = st.rx_backlog[qi].front() else { break };
+            let need = frame.len().div_ceil(cfg.buf_size as usize) as u32;
+            if free < need {
+                break; // wait for the driver to post buffers
+            }
+            let frame = st.rx_backlog[qi].pop_front().unwrap();
+            (st.generation, cfg, head, frame)
+        };
+        let hash = shared.lock().pf.rss_hash(&frame);
+        match rx_frame(shared, &cfg, head, &frame, hash) {
+            Ok(next) => {
+                let mut st = shared.lock();
+                if st.generation != generation {
+                    return;
+                }
+                st.rx_head[qi] = next;
+                count_rx(&mut st.pf.stats, &frame);
+                delivered += 1;
+            }
+            Err(e) => return disable_rx(shared, q, e),
+        }
+    }
+    if delivered > 0 {
+        let mut st = shared.lock();
+        let vectors: Vec<usize> =
+            st.pf.irq_map.iter().enumerate().filter(|(_, m)| m.0 & (1 << q) != 0).map(|(v, _)| v).collect();
+        for v in vectors {
+            st.raise(v);
+        }
+    }
+}
+
+/// Writes one frame into descriptors starting at `head`, buffer by buffer; each descriptor's writeback comes after
+/// its data, and its status qword last (the driver checks DD, then reads the rest). Returns the next head.
+fn rx_frame(
+    shared: &Shared,
+    cfg: &crate::virtchnl::RxQueue,
+    head: u32,
+    frame: &[u8],
+    hash: Option<u32>,
+) -> Result<u32, Mdd> {
+    let mut i = head;
+    let chunks: Vec<&[u8]> = frame.chunks(cfg.buf_size as usize).collect();
+    for (n, chunk) in chunks.iter().enumerate() {
+        let at = cfg.ring + u64::from(i) * RX_DESC;
+        let mut d = [0u8; 8];
+        shared.mem.read(at, &mut d)?;
+        let buf = u64::from_le_bytes(d);
+        shared.mem.write(buf, chunk)?;
+        let last = n + 1 == chunks.len();
+        let qw0 = u64::from(hash.unwrap_or(0)) << 32;
+        let mut qw1 = RX_DD | ((chunk.len() as u64) << RX_LEN_SHIFT);
+        if last {
+            qw1 |= RX_EOF;
+        }
+        if hash.is_some() {
+            qw1 |= RX_FLTSTAT_RSS;
+        }
+        shared.mem.write(at, &qw0.to_le_bytes())?;
+        shared.mem.write(at + 16, &[0u8; 16])?;
+        shared.mem.write(at + 8, &qw1.to_le_bytes())?;
+        i = (i + 1) % cfg.len;
+    }
+    Ok(i)
+}
+
+/// rx_bytes, rx_unicast, rx_multicast, rx_broadcast are stats words 0..=3.
+fn count_rx(stats: &mut [u64; 12], frame: &[u8]) {
+    stats[0] += frame.len() as u64;
+    let idx = if frame[..6] == [0xff; 6] {
+        3
+    } else if frame[0] & 1 == 1 {
+        2
+    } else {
+        1
+    };
+    stats[idx] += 1;
+}
+
+fn disable_rx(shared: &Shared, q: u16, why: Mdd) {
+    let mut st = shared.lock();
+    st.pf.rx_enabled &= !(1 << q);
+    st.rx_backlog[q as usize].clear();
+    st.pf.stats[4] += 1;
+    log::error!("RX queue {q} disabled (malicious driver detection): {why}");
 }

@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod driver_model;
 pub mod irq;
 pub mod mem;
+pub mod net;
 pub mod pci;
 pub mod regs;
 pub mod vf;

@@ -11,6 +11,7 @@ use crate::aq::{ArqMsg, ARQ_BACKLOG};
 use crate::datapath::{self, DpWork};
 use crate::irq::{self, Interrupts};
 use crate::mem::GuestMem;
+use crate::net::{FrameSink, NoSink, RxPort};
 use crate::pci::{self, PciConfig};
 use crate::regs::*;
 use crate::virtchnl::{LinkSpeed, Pf};
@@ -62,6 +63,11 @@ pub struct VfState {
     pub arq_backlog: VecDeque<ArqMsg>,
     /// Per TX queue: the next descriptor the device will read.
     pub tx_head: Vec<u32>,
+    /// Per RX queue: the next descriptor the device will fill, and frames waiting for buffers.
+    pub rx_head: Vec<u32>,
+    pub rx_backlog: Vec<VecDeque<Vec<u8>>>,
+    /// Where transmitted frames go.
+    pub sink: Arc<dyn FrameSink>,
 }
 
 impl VfState {
@@ -77,6 +83,9 @@ impl VfState {
             pf: Pf::new(cfg.mac, cfg.queue_pairs, n, cfg.link_speed),
             arq_backlog: VecDeque::new(),
             tx_head: vec![0; cfg.queue_pairs as usize],
+            rx_head: vec![0; cfg.queue_pairs as usize],
+            rx_backlog: vec![VecDeque::new(); cfg.queue_pairs as usize],
+            sink: Arc::new(NoSink),
         }
     }
 
@@ -86,8 +95,10 @@ impl VfState {
         let generation = self.generation + 1;
         let version = self.pf.version;
         let irq = std::mem::replace(&mut self.irq, Interrupts::new(0));
+        let sink = self.sink.clone();
         *self = VfState::power_on(cfg);
         self.irq = irq;
+        self.sink = sink;
         self.irq.reset();
         self.generation = generation;
         self.pf.version = version;
@@ -105,6 +116,8 @@ impl VfState {
         self.pf.reset();
         self.arq_backlog.clear();
         self.tx_head.fill(0);
+        self.rx_head.fill(0);
+        self.rx_backlog.iter_mut().for_each(VecDeque::clear);
     }
 
     /// Queues a PF -> VF message for the ARQ. A driver that stopped returning ARQ buffers loses the oldest.
@@ -224,6 +237,16 @@ impl I40eVf {
         self.kick(Work::PfReset);
     }
 
+    /// Sends every transmitted frame to `sink` from now on.
+    pub fn set_sink(&self, sink: Arc<dyn FrameSink>) {
+        self.shared.lock().sink = sink;
+    }
+
+    /// Where frames from the wire enter the device.
+    pub fn rx_port(&self) -> RxPort {
+        RxPort(self.dp.clone().expect("datapath worker runs while the device exists"))
+    }
+
     /// A handle that starts [`I40eVf::pf_reset`] from another thread (a signal handler thread, say).
     pub fn pf_reset_handle(&self) -> PfResetHandle {
         PfResetHandle(self.work.clone())
@@ -299,6 +322,14 @@ impl I40eVf {
                 st.regs.set(off, val & AQ_LEN_MASK);
                 drop(st);
                 self.kick(Work::Atq);
+            }
+            _ if (QRX_TAIL1..QRX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
+                // Latched even before the queue is configured: iavf writes it first.
+                st.regs.set(off, val);
+                drop(st);
+                if let Some(dp) = &self.dp {
+                    let _ = dp.send(DpWork::RxTail(((off - QRX_TAIL1) / 4) as u16));
+                }
             }
             _ if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
                 st.regs.set(off, val);

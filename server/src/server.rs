@@ -40,6 +40,7 @@ struct PendingDma {
 struct Session {
     id: u64,
     conn: Conn,
+    interest: Interest,
     negotiated: Option<Negotiated>,
     pending: HashMap<u16, PendingDma>,
     next_id: u16,
@@ -152,7 +153,9 @@ impl<D: VfioDevice> Server<D> {
     }
 
     fn start_session(&mut self, mut stream: UnixStream) -> io::Result<()> {
-        self.poll.registry().register(&mut stream, CLIENT, Interest::READABLE | Interest::WRITABLE)?;
+        // Readable only: writable interest would wake us each time the client drains a reply. It is added only
+        // while output is stuck (see `flush`).
+        self.poll.registry().register(&mut stream, CLIENT, Interest::READABLE)?;
         self.sessions += 1;
         self.waiting_logged = false;
         let who = rustix::net::sockopt::socket_peercred(stream.as_fd())
@@ -162,6 +165,7 @@ impl<D: VfioDevice> Server<D> {
         self.session = Some(Session {
             id: self.sessions,
             conn: Conn::new(stream, MAX_MSG),
+            interest: Interest::READABLE,
             negotiated: None,
             pending: HashMap::new(),
             next_id: 0,
@@ -223,7 +227,14 @@ impl<D: VfioDevice> Server<D> {
     fn flush(&mut self) {
         let Some(s) = &mut self.session else { return };
         if let Err(e) = s.conn.flush() {
-            self.end_session(&format!("write error: {e}"));
+            return self.end_session(&format!("write error: {e}"));
+        }
+        let want = if s.conn.has_output() { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        if want != s.interest {
+            s.interest = want;
+            if let Err(e) = self.poll.registry().reregister(&mut s.conn.stream, CLIENT, want) {
+                self.end_session(&format!("poll registration: {e}"));
+            }
         }
     }
 
