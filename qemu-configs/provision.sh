@@ -30,6 +30,8 @@ else
 fi
 
 "$QC_DIR/setup-qemu.sh"
+# virtio_net: a QEMU virtio NIC as the peer VM in two-VM tests; e1000e: QEMU's own NIC as the throughput baseline.
+export GUEST_MODULES=${GUEST_MODULES:-"virtio_net e1000e"}
 "$QC_DIR/build-guest.sh" 6.1
 "$QC_DIR/build-guest.sh" 6.12
 

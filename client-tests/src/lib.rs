@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod netns;
 pub mod server;
 pub mod util;
 pub mod wire;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 
 use crate::mem::MemError;
+use crate::offload::{self, TxOffload};
 use crate::regs::{QRX_TAIL1, QTX_TAIL1};
 use crate::vf::Shared;
 
@@ -21,9 +22,12 @@ pub const DTYPE_DONE: u64 = 0xf;
 const CMD_EOP: u64 = 1 << 4;
 const BUF_SIZE_SHIFT: u32 = 34;
 const BUF_SIZE_MASK: u64 = 0x3fff;
-/// The most data descriptors one frame may use (the hardware limit the driver respects).
+/// The most data descriptors a non-TSO frame may use (the hardware limit the driver respects).
 const MAX_FRAGS: usize = 8;
 const MAX_FRAME: usize = 16 * 1024;
+/// A TSO frame: up to 64 KiB of payload plus headers, in up to this many buffers.
+const MAX_TSO_FRAGS: usize = 256;
+const MAX_TSO_FRAME: usize = offload::MAX_TSO_PAYLOAD + 512;
 
 pub(crate) enum DpWork {
     /// QTX_TAIL(q) moved.
@@ -98,16 +102,34 @@ fn process_tx(shared: &Shared, q: u16) {
         }
         match tx_frame(shared, ring, len, head, tail) {
             Ok(None) => return, // a frame not yet complete up to the tail: wait for more
-            Ok(Some((next, frame))) => {
+            Ok(Some((next, frame, off))) => {
+                // Checksum insertion and TSO happen here, as the NIC does them, so the wire sees finished frames.
+                let segments = offload::apply(&frame, &off);
                 let mut st = shared.lock();
                 if st.generation != generation {
                     return;
                 }
                 st.tx_head[qi] = next;
-                count_tx(&mut st.pf.stats, &frame);
+                let segments = match segments {
+                    Ok(s) => s,
+                    Err(e) => {
+                        st.pf.stats[11] += 1; // tx_errors
+                        log::warn!(
+                            "TX queue {q}: frame of {} bytes dropped: offload request invalid: {e}",
+                            frame.len()
+                        );
+                        Vec::new()
+                    }
+                };
+                for seg in &segments {
+                    st.queue_frames[qi].1 += 1;
+                    count_tx(&mut st.pf.stats, seg);
+                }
                 let sink = st.sink.clone();
                 drop(st);
-                sink.transmit(&frame);
+                for seg in &segments {
+                    sink.transmit(seg);
+                }
                 let mut st = shared.lock();
                 if st.generation != generation {
                     return;
@@ -123,12 +145,14 @@ fn process_tx(shared: &Shared, q: u16) {
     }
 }
 
-/// Reads one frame starting at `head`; writes DTYPE_DONE into its EOP descriptor. Returns the index after it and
-/// the frame, or None if the frame's EOP is not before the tail yet.
-fn tx_frame(shared: &Shared, ring: u64, len: u32, head: u32, tail: u32) -> Result<Option<(u32, Vec<u8>)>, Mdd> {
+/// Reads one frame starting at `head`; writes DTYPE_DONE into its EOP descriptor. Returns the index after it, the
+/// frame and its offload request, or None if the frame's EOP is not before the tail yet.
+fn tx_frame(shared: &Shared, ring: u64, len: u32, head: u32, tail: u32) -> TxResult {
     let mut frame = Vec::new();
     let mut i = head;
     let mut frags = 0;
+    let mut ctx: Option<u64> = None;
+    let mut data_qw1: Option<u64> = None;
     while i != tail {
         let at = ring + u64::from(i) * TX_DESC;
         let mut d = [0u8; 16];
@@ -137,27 +161,36 @@ fn tx_frame(shared: &Shared, ring: u64, len: u32, head: u32, tail: u32) -> Resul
         let qw1 = u64::from_le_bytes(d[8..].try_into().unwrap());
         i = (i + 1) % len;
         match qw1 & DTYPE_MASK {
-            DTYPE_CONTEXT => continue, // TSO/tunnel parameters: not needed to complete the frame
+            DTYPE_CONTEXT => {
+                ctx = Some(qw1); // TSO parameters for the data descriptors that follow
+                continue;
+            }
             DTYPE_DATA => {}
             DTYPE_DONE => return Err(Mdd::Desc("descriptor already marked done")),
             _ => return Err(Mdd::Desc("unknown descriptor type")),
         }
         let size = ((qw1 >> BUF_SIZE_SHIFT) & BUF_SIZE_MASK) as usize;
         frags += 1;
-        if size == 0 || frags > MAX_FRAGS || frame.len() + size > MAX_FRAME {
+        let tso = ctx.is_some_and(|c| c & offload::TXD_CTX_QW1_TSO != 0);
+        let (max_frags, max_frame) = if tso { (MAX_TSO_FRAGS, MAX_TSO_FRAME) } else { (MAX_FRAGS, MAX_FRAME) };
+        if size == 0 || frags > max_frags || frame.len() + size > max_frame {
             return Err(Mdd::Desc("zero-length buffer, too many buffers or an oversized frame"));
         }
+        data_qw1.get_or_insert(qw1);
         let start = frame.len();
         frame.resize(start + size, 0);
         shared.mem.read(addr, &mut frame[start..])?;
         if qw1 & CMD_EOP != 0 {
             let done = (qw1 & !DTYPE_MASK) | DTYPE_DONE;
             shared.mem.write(at + 8, &done.to_le_bytes())?;
-            return Ok(Some((i, frame)));
+            let off = offload::decode(data_qw1.unwrap_or(qw1), ctx);
+            return Ok(Some((i, frame, off)));
         }
     }
     Ok(None)
 }
+
+type TxResult = Result<Option<(u32, Vec<u8>, TxOffload)>, Mdd>;
 
 /// tx_bytes, tx_unicast, tx_multicast, tx_broadcast are stats words 6..=9.
 fn count_tx(stats: &mut [u64; 12], frame: &[u8]) {
@@ -243,6 +276,7 @@ fn drain_rx(shared: &Shared, q: u16) {
                     return;
                 }
                 st.rx_head[qi] = next;
+                st.queue_frames[qi].0 += 1;
                 count_rx(&mut st.pf.stats, &frame);
                 delivered += 1;
             }
@@ -280,7 +314,8 @@ fn rx_frame(
         let qw0 = u64::from(hash.unwrap_or(0)) << 32;
         let mut qw1 = RX_DD | ((chunk.len() as u64) << RX_LEN_SHIFT);
         if last {
-            qw1 |= RX_EOF;
+            // The driver takes ptype and checksum status from the EOF descriptor.
+            qw1 |= RX_EOF | offload::rx_checksum_ok(frame).qword1_bits();
         }
         if hash.is_some() {
             qw1 |= RX_FLTSTAT_RSS;

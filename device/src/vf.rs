@@ -68,6 +68,8 @@ pub struct VfState {
     pub rx_backlog: Vec<VecDeque<Vec<u8>>>,
     /// Where transmitted frames go.
     pub sink: Arc<dyn FrameSink>,
+    /// Frames per queue since power-on: (received, transmitted).
+    pub queue_frames: Vec<(u64, u64)>,
 }
 
 impl VfState {
@@ -86,6 +88,7 @@ impl VfState {
             rx_head: vec![0; cfg.queue_pairs as usize],
             rx_backlog: vec![VecDeque::new(); cfg.queue_pairs as usize],
             sink: Arc::new(NoSink),
+            queue_frames: vec![(0, 0); cfg.queue_pairs as usize],
         }
     }
 
@@ -453,7 +456,11 @@ impl VfioDevice for I40eVf {
     }
 
     fn client_gone(&mut self) {
-        self.shared.lock().irq.forget_client();
+        let mut st = self.shared.lock();
+        st.irq.forget_client();
+        let per_queue: Vec<String> =
+            st.queue_frames.iter().enumerate().map(|(q, (rx, tx))| format!("q{q} rx {rx} tx {tx}")).collect();
+        log::info!("frames per queue: {}", per_queue.join(", "));
     }
 }
 

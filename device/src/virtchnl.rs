@@ -180,7 +180,8 @@ impl Pf {
             promisc: 0,
             rss_key: vec![0; RSS_KEY_SIZE],
             rss_lut: (0..RSS_LUT_SIZE).map(|i| (i % n.max(1)) as u8).collect(),
-            hena: 0,
+            // The i40e PF programs its default hash types at VSI setup; iavf never sends SET_RSS_HENA itself.
+            hena: HENA_CAPS,
             stats: [0; 12],
         }
     }
@@ -460,7 +461,7 @@ impl Pf {
             return None;
         }
         if let Some(h) = self.rss_hash(frame) {
-            let q = u16::from(self.rss_lut[h as usize % self.rss_lut.len()]);
+            let q = u16::from(crate::rss::queue_for(h, &self.rss_lut));
             if self.rx_enabled & (1 << q) != 0 {
                 return Some(q);
             }
@@ -468,9 +469,12 @@ impl Pf {
         Some(self.rx_enabled.trailing_zeros() as u16)
     }
 
-    /// The RSS hash of a frame, when RSS is granted and enabled for its type.
-    pub fn rss_hash(&self, _frame: &[u8]) -> Option<u32> {
-        None
+    /// The RSS hash of a frame (Toeplitz over the driver's key), when RSS is granted and enabled for its type.
+    pub fn rss_hash(&self, frame: &[u8]) -> Option<u32> {
+        if self.caps & CAP_RSS_PF == 0 {
+            return None;
+        }
+        crate::rss::hash_frame(&self.rss_key, self.hena, frame).map(|(h, _)| h)
     }
 
     /// EVENT LINK_CHANGE, in the format the granted caps call for.

@@ -246,3 +246,58 @@ fn transmitted_frames_reach_the_sink() {
     let (_, data) = rx_wb(&mut d, 0, 0).expect("looped frame received");
     assert_eq!(&data[6..], &f[6..]);
 }
+
+/// An IPv4/UDP frame to us from `sport`; the checksum fields are left 0 (UDP allows it, and RSS ignores them).
+fn udp_frame(sport: u16) -> Vec<u8> {
+    let mut f = OUR_MAC.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 213, 0, 1, 10, 213, 0, 2];
+    let sum = ip.chunks(2).fold(0u32, |a, w| a + u32::from(u16::from_be_bytes([w[0], w[1]])));
+    let csum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&9u16.to_be_bytes());
+    f.extend_from_slice(&16u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(b"spread!!");
+    f
+}
+
+#[test]
+fn rss_spreads_flows_over_queues_and_reports_the_hash() {
+    let (mut d, _ev) = up(2);
+    // As iavf does after GET_VF_RESOURCES: a random key, and a LUT over its queues.
+    let mut key = [VSI_ID.to_le_bytes(), (RSS_KEY_SIZE as u16).to_le_bytes()].concat();
+    key.extend(dm_pattern(RSS_KEY_SIZE + 1));
+    assert_eq!(d.request(OP_CONFIG_RSS_KEY, &key).status, 0);
+    let mut lut = [VSI_ID.to_le_bytes(), (RSS_LUT_SIZE as u16).to_le_bytes()].concat();
+    lut.extend((0..=RSS_LUT_SIZE).map(|i| (i % 2) as u8));
+    assert_eq!(d.request(OP_CONFIG_RSS_LUT, &lut).status, 0);
+    post_rx(&mut d, 0, 0, 64);
+    post_rx(&mut d, 1, 0, 64);
+    for port in 1000..1032 {
+        d.bus.vf.rx_port().receive(udp_frame(port));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let mut per_queue = [0; 2];
+    for (q, count) in per_queue.iter_mut().enumerate() {
+        for i in 0..64 {
+            let mut desc = [0u8; 32];
+            d.bus.mem_read(rx_ring(q as u16) + 32 * i, &mut desc);
+            let qw1 = u64::from_le_bytes(desc[8..16].try_into().unwrap());
+            if qw1 & 1 == 1 {
+                *count += 1;
+                assert_eq!(qw1 >> 12 & 3, 3, "FLTSTAT says the RSS hash is valid");
+                assert_eq!(qw1 >> 30 & 0xff, 24, "ptype IPv4 UDP");
+                assert_ne!(qw1 & (1 << 3), 0, "L3L4P: checksums were checked");
+            }
+        }
+    }
+    assert_eq!(per_queue[0] + per_queue[1], 32);
+    assert!(per_queue.iter().all(|&c| c > 0), "both queues get flows: {per_queue:?}");
+}
+
+fn dm_pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(151).wrapping_add(7)).collect()
+}
