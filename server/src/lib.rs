@@ -1,6 +1,7 @@
 //! vfio-user protocol server: owns the socket, the wire format and the event loop, and drives a
 //! [`device::VfioDevice`].
 
+pub mod backend;
 pub mod conn;
 pub mod dma;
 pub mod handlers;

@@ -7,6 +7,7 @@ use clap::Parser;
 use device::mem::GuestMem;
 use device::virtchnl::LinkSpeed;
 use device::{I40eVf, VfConfig};
+use server::backend::{Backend, BackendSpec};
 use server::{sys, Endpoint, Server};
 
 #[derive(Parser, Debug)]
@@ -40,6 +41,15 @@ struct Cli {
     /// Link speed reported to the driver, in Mbps: 100, 1000, 2500, 5000, 10000, 20000, 25000, 40000 or 100000.
     #[arg(long, value_name = "MBPS", default_value_t = 10000, value_parser = parse_speed)]
     link_speed: u32,
+
+    /// Packet backend: none, loopback, tap:IFNAME, dgram:LOCAL,REMOTE, stream-server:ADDR, stream-client:ADDR
+    /// (ADDR is HOST:PORT or unix:PATH). See --help for details.
+    #[arg(long, value_name = "SPEC", default_value = "none", long_help = BackendSpec::HELP)]
+    backend: BackendSpec,
+
+    /// Record every frame, both directions, to FILE (pcap, Ethernet, microsecond timestamps).
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<PathBuf>,
 
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -123,6 +133,11 @@ fn run(cli: Cli) -> std::io::Result<()> {
         cli.link_speed
     );
     sys::on_sigusr1(vf.pf_reset_handle())?;
+    // Kept alive until the server stops: dropping it stops the backend's threads.
+    let mut backend = Backend::open(&cli.backend, cli.pcap.as_deref())?;
+    vf.set_sink(backend.sink());
+    backend.start(vf.rx_port())?;
+    log::info!("packet backend: {}", cli.backend);
     let mut server = Server::new(vf, mem, endpoint)?;
     server.stop_on(signals)?;
     server.run()
