@@ -344,3 +344,41 @@ fn tso_frames_leave_as_segments() {
     assert_eq!(joined, payload);
     assert_eq!(stats(&mut d)[6], 4 * 1054, "tx_bytes counts what left");
 }
+
+/// CONFIG_VSI_QUEUES accepts any aligned ring address (the driver's memory is its business), but a ring outside
+/// the DMA mappings disables its queue on first use; the other queue keeps working.
+#[test]
+fn rings_outside_guest_memory_disable_only_their_queue() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let mut d = dm::testbed(VfConfig::default());
+    // Pair 0's rings end exactly at the end of guest memory; pair 1's lie past it.
+    let base = dm::TESTBED_RAM - 0x2000;
+    d.init_aq();
+    d.request(OP_VERSION, &dm::msg_version(1, 1));
+    d.request(OP_GET_VF_RESOURCES, &(CAP_L2 | CAP_RSS_PF).to_le_bytes());
+    d.request(OP_CONFIG_IRQ_MAP, &dm::msg_irq_map(&[(1, 3, 3), (0, 0, 0)]));
+    assert_eq!(d.request(OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(2, base, 64, 2048, 1522)).status, 0);
+    assert_eq!(d.request(OP_ENABLE_QUEUES, &dm::msg_queue_select(3, 3)).status, 0);
+    d.bus.write32(QTX_TAIL1 + 4, 1);
+    d.bus.write32(QRX_TAIL1 + 4, 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(stats(&mut d)[11] >= 1, "TX queue 1 disabled and counted");
+    // Queue 0 still transmits.
+    d.bus.mem_write(BUFS, &frame([0x02, 9, 9, 9, 9, 9], 60));
+    let desc = [BUFS.to_le_bytes(), (0x30u64 | (60 << 34)).to_le_bytes()].concat();
+    d.bus.mem_write(base, &desc);
+    d.bus.write32(QTX_TAIL1, 1);
+    let t = Instant::now();
+    let done = loop {
+        let mut b = [0u8; 8];
+        d.bus.mem_read(base + 8, &mut b);
+        if u64::from_le_bytes(b) & 0xf == 0xf {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(2) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(done, "queue 0 keeps working");
+}
