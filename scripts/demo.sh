@@ -21,21 +21,6 @@ done
 qemu-configs/provision.sh >/dev/null
 cargo build --release -q -p server
 
-dir=$(mktemp -d /tmp/vfu-demo.XXXXXX)
-server_pid=
-cleanup() {
-  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-./target/release/vfu-i40evf --socket "$dir/vf.sock" --mac "$mac" 2>"$dir/server.log" &
-server_pid=$!
-for _ in $(seq 100); do [ -S "$dir/vf.sock" ] && break; sleep 0.05; done
-[ -S "$dir/vf.sock" ] || { cat "$dir/server.log"; echo "demo.sh: server did not start" >&2; exit 1; }
-
-echo "=== guest (kernel $kernel, $ram RAM) attached to vfu-i40evf at $dir/vf.sock"
-qemu-configs/run-vm.sh --socket "$dir/vf.sock" --kernel "$kernel" --ram "$ram" --script qemu-configs/guest/demo.sh \
-  | tr -d '\r' | sed -n '/GUEST: kernel/,/GUEST: done/p'
-echo "=== server log"
-cat "$dir/server.log"
+echo "=== guest (kernel $kernel, $ram RAM) attached to vfu-i40evf"
+qemu-configs/launch.sh --kernel "$kernel" --ram "$ram" --script qemu-configs/guest/demo.sh -- --mac "$mac" \
+  | tr -d '\r' | sed -n '/GUEST: kernel/,/GUEST: done/p; /=== server log/,$p'
