@@ -17,5 +17,6 @@ cargo build --release -p server -p bench
 step "tests"
 cargo test --workspace
 
-step "benchmark (quick)"
+step "benchmarks (quick)"
 ./target/release/vfu-bench --quick
+./target/release/vfu-netbench --quick

@@ -10,11 +10,15 @@
 //!    checking that the only reply is the read's and that it returns the last value written;
 //! 4. the server's idle RSS.
 //!
-//! The benchmarks run interleaved in rounds so that noise from other work on the (shared, unpinned) cores hits all
-//! of them alike. Machine-readable lines start with `bench`, `cpu`, `rss`, `ratio` or `target` (key=value fields);
-//! the human summary lines with `#`.
+//! Placement is explicit: this (single-threaded) client is pinned to the first CPU, and the main thread of the
+//! ping-pong peer and of the server (the thread that serves the socket) to the same CPU (`same`) or to the second
+//! one (`cross`); every benchmark is measured under both, and ratios only compare like with like. The benchmarks
+//! and the placements run interleaved in rounds so that noise from other work on the machine hits all of them alike.
+//! Machine-readable lines start with `bench`, `cpu`, `rss`, `ratio` or `target` (key=value fields, with
+//! `placement=same|cross`); the human summary lines with `#`.
 //! The exit status is non-zero only on a functional failure (a wrong reply, a dead server), never on a missed target.
 
+mod pin;
 mod procs;
 mod stats;
 mod wire;
@@ -25,10 +29,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 use rustix::net::RecvFlags;
 
-use procs::{last_cpu, Proc, Sched, TempDir};
+use pin::{pin, Cpus, Placement};
+use procs::{last_cpu, machine_ticks, process_ticks, Proc, Sched, TempDir};
 use stats::{summarize, Summary};
 use wire::*;
 
@@ -45,8 +51,10 @@ const ECHO_VALUE: u32 = 0xec40_ec40;
 
 const RATIO_TARGET: f64 = 1.15;
 const RSS_TARGET_KIB: u64 = 16 * 1024;
-/// Ratios whose two sides shared a CPU in proportions further apart than this are flagged.
-const PLACEMENT_TOLERANCE_PCT: f64 = 25.0;
+/// Above this much other work during the measured rounds (in % of one CPU), say so.
+const OTHERS_CPU_WARN_PCT: f64 = 10.0;
+/// How far `same_cpu_pct` may stray from 100 (`same`) or 0 (`cross`) before the pinning is reported as not holding.
+const PLACEMENT_TOLERANCE_PCT: f64 = 5.0;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser, Debug)]
@@ -61,11 +69,11 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     server: Option<PathBuf>,
 
-    /// Short run for CI: a few thousand iterations per benchmark, well under 5 s.
+    /// Short run for CI: a few thousand iterations per benchmark and placement, well under 5 s.
     #[arg(long)]
     quick: bool,
 
-    /// Measured round trips per benchmark (default 200000, --quick 5000).
+    /// Measured round trips per benchmark and placement (default 200000, --quick 5000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(100..=100_000_000))]
     iters: Option<u64>,
 
@@ -76,6 +84,10 @@ struct Cli {
     /// Run only these benchmarks (for profiling one request type; ratios need pingpong too).
     #[arg(long, value_name = "NAME", value_delimiter = ',', value_enum)]
     only: Vec<Kind>,
+
+    /// Run only these placements [default: same and cross; only same on a single CPU].
+    #[arg(long, value_name = "P", value_delimiter = ',', value_enum)]
+    placement: Vec<Placement>,
 
     /// Internal: run as the ping-pong peer connected to this socket.
     #[arg(long, value_name = "PATH", hide = true)]
@@ -92,6 +104,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if cli.placement.contains(&Placement::Cross) && Cpus::allowed().is_ok_and(|c| c.other.is_none()) {
+        Cli::command()
+            .error(ErrorKind::InvalidValue, "--placement cross needs a second CPU, and this process may only use one")
+            .exit();
     }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,29 +136,33 @@ fn echo_peer(path: &Path) -> Result<(), String> {
     }
 }
 
-/// How much to run.
+/// How much to run: `rounds` placement blocks per placement (alternating), each of `slices` passes over the
+/// benchmarks, each pass `per_slice` timed round trips (`batches_per_slice` posted batches) of every benchmark.
 struct Plan {
     rounds: usize,
-    per_round: usize,
+    slices: usize,
+    per_slice: usize,
     warmup: usize,
-    batches_per_round: usize,
+    /// Untimed round trips per benchmark after each change of placement.
+    settle: usize,
+    batches_per_slice: usize,
     batch: u32,
-    /// Check where the client and its peer ran every this many iterations.
-    cpu_sample_every: usize,
 }
 
 impl Plan {
     fn new(cli: &Cli) -> Plan {
-        let (rounds, total, warmup, batches) = if cli.quick { (5, 5_000, 500, 20) } else { (20, 200_000, 20_000, 200) };
+        let (rounds, slices, total, warmup, batches) =
+            if cli.quick { (5, 5, 5_000, 500, 4) } else { (20, 10, 200_000, 20_000, 20) };
         let total = cli.iters.map_or(total, |n| n as usize);
-        let per_round = total.div_ceil(rounds);
+        let per_slice = total.div_ceil(rounds * slices);
         Plan {
             rounds,
-            per_round,
+            slices,
+            per_slice,
             warmup: warmup.min(total),
-            batches_per_round: batches,
+            settle: 100,
+            batches_per_slice: batches,
             batch: cli.posted_batch,
-            cpu_sample_every: (per_round / 50).max(4),
         }
     }
 }
@@ -270,6 +291,47 @@ fn default_server() -> Result<PathBuf, String> {
     Ok(exe.parent().unwrap_or(Path::new(".")).join("vfu-i40evf"))
 }
 
+/// Untimed iterations of `kind` (`n` round trips; for posted writes, as many batches as make about `n` requests).
+fn untimed(b: &mut Bench, kind: Kind, n: usize, batch: u32) -> Result<(), String> {
+    let n = if kind == Kind::PostedWrite { n / batch as usize + 1 } else { n };
+    for _ in 0..n {
+        step(b, kind, batch)?;
+    }
+    Ok(())
+}
+
+/// Pins the main threads of the ping-pong peer and of the server for a placement. A failure is reported, not fatal
+/// (the `same_cpu_pct` check in the report shows what it did to the figures).
+struct Pins {
+    cpus: Cpus,
+    echo: rustix::process::Pid,
+    server: rustix::process::Pid,
+    failures: Vec<String>,
+}
+
+impl Pins {
+    fn apply(&mut self, p: Placement) {
+        let Some(cpu) = self.cpus.peer(p) else { return };
+        for (who, tid) in [("ping-pong peer", self.echo), ("server", self.server)] {
+            if let Err(e) = pin(Some(tid), cpu) {
+                let e = format!("placement {}: {who}: {e}", p.name());
+                if !self.failures.contains(&e) {
+                    self.failures.push(e);
+                }
+            }
+        }
+    }
+}
+
+/// Pins a child's main thread for placement `p`, right after spawning it: threads the child starts later inherit that.
+fn pin_child(proc: &Proc, cpus: Cpus, p: Placement, failures: &mut Vec<String>) {
+    if let Some(cpu) = cpus.peer(p) {
+        if let Err(e) = pin(Some(proc.main_thread()), cpu) {
+            failures.push(format!("{}: {e}", proc.name));
+        }
+    }
+}
+
 fn run(cli: &Cli) -> Result<(), String> {
     let plan = Plan::new(cli);
     let server_bin = match &cli.server {
@@ -282,16 +344,42 @@ fn run(cli: &Cli) -> Result<(), String> {
             server_bin.display()
         ));
     }
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpus = Cpus::allowed()?;
+    // Those asked for (main() has checked that the machine has them), else all the machine has.
+    let placements: Vec<Placement> = [Placement::Same, Placement::Cross]
+        .into_iter()
+        .filter(|&p| cpus.peer(p).is_some() && (cli.placement.is_empty() || cli.placement.contains(&p)))
+        .collect();
+    let ncpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let names: Vec<&str> = placements.iter().map(|p| p.name()).collect();
     println!(
-        "# vfu-bench mode={} rounds={} iters_per_round={} warmup={} posted_batch={} cpus={cpus} pinned=no",
+        "# vfu-bench mode={} rounds={} slices={} iters_per_slice={} warmup={} posted_batch={} cpus={ncpus} \
+         placements={} client_cpu={}",
         if cli.quick { "quick" } else { "full" },
         plan.rounds,
-        plan.per_round,
+        plan.slices,
+        plan.per_slice,
         plan.warmup,
-        plan.batch
+        plan.batch,
+        names.join(","),
+        cpus.client
     );
+    for &p in &placements {
+        println!(
+            "# placement {}: client on CPU {}, ping-pong peer and server main thread on CPU {}",
+            p.name(),
+            cpus.client,
+            cpus.peer(p).unwrap_or(cpus.client)
+        );
+    }
     println!("# server {}", server_bin.display());
+
+    // This client is single-threaded: pinning this thread pins all of it. Done before spawning, so the children
+    // start with the same affinity in all their threads; their main threads are then pinned explicitly.
+    let mut failures = Vec::new();
+    if let Err(e) = pin(None, cpus.client) {
+        failures.push(format!("client: {e}"));
+    }
 
     // Declared first, dropped last: the processes are gone before their directory is removed.
     let dir = TempDir::new().map_err(|e| format!("creating a temporary directory: {e}"))?;
@@ -303,6 +391,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     let mut cmd = Command::new(&exe);
     cmd.arg("--echo-socket").arg(&echo_path);
     let mut echo_proc = Proc::spawn("ping-pong peer", cmd, None)?;
+    pin_child(&echo_proc, cpus, placements[0], &mut failures);
     let echo = echo_proc.accept(&listener)?;
     drop(listener);
 
@@ -313,7 +402,9 @@ fn run(cli: &Cli) -> Result<(), String> {
     let mut cmd = Command::new(&server_bin);
     cmd.arg("--socket").arg(&sock).env("RUST_LOG", "info");
     let mut server_proc = Proc::spawn("server", cmd, Some(log))?;
+    pin_child(&server_proc, cpus, placements[0], &mut failures);
     let mut server = server_proc.connect(&sock)?;
+    let mut pins = Pins { cpus, echo: echo_proc.main_thread(), server: server_proc.main_thread(), failures };
 
     let result = (|| -> Result<(), String> {
         Sched::of("self")?; // fail early if /proc lacks schedstat
@@ -331,41 +422,86 @@ fn run(cli: &Cli) -> Result<(), String> {
 
         std::thread::sleep(Duration::from_millis(300));
         let (idle_rss, idle_hwm) = server_proc.rss_kib()?;
+        // The server's threads once it is up. Only the main thread (the protocol loop) reads and answers the
+        // socket, so only it is pinned per placement; the others, started at startup, keep the affinity they
+        // inherited (the client's CPU, or the first placement's if the pin came before they were created).
+        let threads = pin::threads(server_proc.pid())?;
+        let list: Vec<String> = threads.iter().map(|t| format!("{}:{}:cpus={}", t.tid, t.comm, t.cpus)).collect();
+        println!("# server threads (main first; only the main thread serves the socket): {}", list.join(" "));
+        let workers_ns = |t: &[pin::ThreadInfo]| t.iter().skip(1).map(|t| t.cpu_ns).sum::<u64>();
+        let workers_before = workers_ns(&threads);
 
         let kinds: Vec<Kind> = KINDS.into_iter().filter(|k| cli.only.is_empty() || cli.only.contains(k)).collect();
-        for &kind in &kinds {
-            let n = if kind == Kind::PostedWrite { plan.warmup / plan.batch as usize + 1 } else { plan.warmup };
-            for _ in 0..n {
-                step(&mut b, kind, plan.batch)?;
+        for &p in &placements {
+            pins.apply(p);
+            for &kind in &kinds {
+                untimed(&mut b, kind, plan.warmup, plan.batch)?;
             }
         }
-        let mut results: Vec<Measured> = kinds.iter().map(|&kind| Measured::new(kind)).collect();
+        // CPU time of the whole machine and of the three processes taking part: the rest is other work.
+        let (echo_pid, server_pid) = (echo_proc.pid().to_string(), server_proc.pid().to_string());
+        let ours = || -> Result<u64, String> {
+            Ok(process_ticks("self")? + process_ticks(&echo_pid)? + process_ticks(&server_pid)?)
+        };
+        let (busy0, total0, _) = machine_ticks()?;
+        let ours0 = ours()?;
+        let mut results: Vec<Measured> =
+            placements.iter().flat_map(|&p| kinds.iter().map(move |&kind| Measured::new(p, kind))).collect();
         for round in 0..plan.rounds {
-            for k in 0..results.len() {
-                let r = &mut results[(round + k) % kinds.len()]; // rotate which benchmark goes first
-                let n = if r.kind == Kind::PostedWrite { plan.batches_per_round } else { plan.per_round };
-                // CPU time and context switches of the answering process (peer or server) and of this one.
-                let answering = if r.kind == Kind::Pingpong { &echo_proc } else { &server_proc };
-                let before = [answering.sched()?, Sched::of("self")?];
-                let pid = answering.pid().to_string();
-                for i in 0..n {
-                    r.samples.push(step(&mut b, r.kind, plan.batch)?);
-                    // Now and then (untimed): did this round trip run on one CPU or across both?
-                    if i % plan.cpu_sample_every == plan.cpu_sample_every - 1 {
-                        r.placement[usize::from(last_cpu("self")? == last_cpu(&pid)?)] += 1;
-                    }
+            // Alternate which placement goes first; within a placement, interleave the benchmarks in short slices
+            // (rotating which one goes first) so that a disturbance hits the baseline and the server alike.
+            for pi in 0..placements.len() {
+                let placement = placements[(round + pi) % placements.len()];
+                pins.apply(placement);
+                for &kind in &kinds {
+                    untimed(&mut b, kind, plan.settle, plan.batch)?;
                 }
-                let after = [answering.sched()?, Sched::of("self")?];
-                for j in 0..2 {
-                    r.cpu[j].add(&after[j].since(&before[j]));
+                for slice in 0..plan.slices {
+                    for k in 0..kinds.len() {
+                        let kind = kinds[(round + slice + k) % kinds.len()];
+                        let r = results.iter_mut().find(|r| r.placement == placement && r.kind == kind).unwrap();
+                        let n = if kind == Kind::PostedWrite { plan.batches_per_slice } else { plan.per_slice };
+                        // CPU time and context switches of the answering process (peer or server) and of this one.
+                        let answering = if kind == Kind::Pingpong { &echo_proc } else { &server_proc };
+                        let before = [answering.sched()?, Sched::of("self")?];
+                        let pid = answering.pid().to_string();
+                        let sample_every = (n / 10).max(1);
+                        for i in 0..n {
+                            r.samples.push(step(&mut b, kind, plan.batch)?);
+                            // Now and then (untimed): did this round trip run on one CPU or across two? A check
+                            // that the pinning held: 100% for `same`, 0% for `cross`.
+                            if i % sample_every == sample_every - 1 {
+                                r.placement_seen[usize::from(last_cpu("self")? == last_cpu(&pid)?)] += 1;
+                            }
+                        }
+                        let after = [answering.sched()?, Sched::of("self")?];
+                        for j in 0..2 {
+                            r.cpu[j].add(&after[j].since(&before[j]));
+                        }
+                    }
                 }
             }
             if let Some(why) = server_proc.exited() {
                 return Err(why);
             }
         }
+        let (busy1, total1, ncpus) = machine_ticks()?;
+        let others = (busy1 - busy0).saturating_sub(ours()? - ours0);
+        let others_cpu_pct = 100.0 * (others * ncpus) as f64 / (total1 - total0).max(1) as f64;
+        let workers_after = workers_ns(&pin::threads(server_proc.pid())?);
         let (end_rss, end_hwm) = server_proc.rss_kib()?;
-        report(&plan, &results, (idle_rss, idle_hwm), (end_rss, end_hwm));
+        let run = Run {
+            plan: &plan,
+            cpus,
+            placements: &placements,
+            results: &results,
+            idle: (idle_rss, idle_hwm),
+            end: (end_rss, end_hwm),
+            workers_ns: workers_after.saturating_sub(workers_before),
+            others_cpu_pct,
+            pin_failures: &pins.failures,
+        };
+        report(&run);
         Ok(())
     })();
     let result = result.map_err(|e| format!("{e}\n{}\n{}", server_proc.diagnose(), echo_proc.diagnose()));
@@ -375,25 +511,48 @@ fn run(cli: &Cli) -> Result<(), String> {
     result
 }
 
-/// One benchmark's per-iteration times and the CPU accounting of [answering process, this process].
+/// One benchmark's per-iteration times under one placement, and the CPU accounting of [answering process, this
+/// process].
 struct Measured {
+    placement: Placement,
     kind: Kind,
     samples: Vec<u64>,
     cpu: [Sched; 2],
     /// Samples of [client and peer last ran on different CPUs, on the same CPU].
-    placement: [u64; 2],
+    placement_seen: [u64; 2],
 }
 
 impl Measured {
-    fn new(kind: Kind) -> Measured {
-        Measured { kind, samples: Vec::new(), cpu: [Sched::default(); 2], placement: [0; 2] }
+    fn new(placement: Placement, kind: Kind) -> Measured {
+        Measured { placement, kind, samples: Vec::new(), cpu: [Sched::default(); 2], placement_seen: [0; 2] }
     }
 }
 
-fn bench_line(name: &str, s: &Summary, extra: &str) {
+/// Everything the report needs.
+struct Run<'a> {
+    plan: &'a Plan,
+    cpus: Cpus,
+    placements: &'a [Placement],
+    results: &'a [Measured],
+    idle: (u64, u64),
+    end: (u64, u64),
+    /// CPU time of the server's threads other than the main one during the warm-up and the measured rounds.
+    workers_ns: u64,
+    /// CPU time that went to anything but the client, the peer and the server during the measured rounds, in % of
+    /// one CPU (/proc/stat, clock-tick resolution).
+    others_cpu_pct: f64,
+    pin_failures: &'a [String],
+}
+
+fn bench_line(name: &str, p: Placement, s: &Summary, extra: &str) {
     println!(
-        "bench name={name} median_ns={} p99_ns={} min_ns={} mean_ns={} iters={}{extra}",
-        s.median, s.p99, s.min, s.mean, s.iters
+        "bench name={name} placement={} median_ns={} p99_ns={} min_ns={} mean_ns={} iters={}{extra}",
+        p.name(),
+        s.median,
+        s.p99,
+        s.min,
+        s.mean,
+        s.iters
     );
 }
 
@@ -403,8 +562,10 @@ fn cpu_line(name: &str, peer: &str, m: &Measured, ops: usize) {
     let per = |v: u64| v as f64 / ops as f64;
     let [p, c] = &m.cpu;
     println!(
-        "cpu name={name} peer={peer} peer_cpu_ns_per_op={:.0} peer_vcsw_per_op={:.2} peer_ivcsw_per_op={:.2} \
-         client_cpu_ns_per_op={:.0} client_vcsw_per_op={:.2} client_ivcsw_per_op={:.2} same_cpu_pct={:.0} ops={ops}",
+        "cpu name={name} placement={} peer={peer} peer_cpu_ns_per_op={:.0} peer_vcsw_per_op={:.2} \
+         peer_ivcsw_per_op={:.2} client_cpu_ns_per_op={:.0} client_vcsw_per_op={:.2} client_ivcsw_per_op={:.2} \
+         same_cpu_pct={:.0} ops={ops}",
+        m.placement.name(),
         per(p.cpu_ns),
         per(p.vcsw),
         per(p.ivcsw),
@@ -417,88 +578,128 @@ fn cpu_line(name: &str, peer: &str, m: &Measured, ops: usize) {
 
 /// How often the client and its peer were last seen on the same CPU, in percent.
 fn same_cpu_pct(m: &Measured) -> f64 {
-    100.0 * m.placement[1] as f64 / (m.placement[0] + m.placement[1]).max(1) as f64
+    100.0 * m.placement_seen[1] as f64 / (m.placement_seen[0] + m.placement_seen[1]).max(1) as f64
 }
 
-fn target_line(name: &str, value: String, limit: String, met: bool) {
-    println!("target name={name} value={value} max={limit} {}", if met { "met" } else { "missed" });
+/// Whether `same_cpu_pct` is what the placement pins it to; else a warning.
+fn check_pinning(m: &Measured, warnings: &mut Vec<String>) {
+    let expected = if m.placement == Placement::Same { 100.0 } else { 0.0 };
+    let seen = same_cpu_pct(m);
+    if (seen - expected).abs() > PLACEMENT_TOLERANCE_PCT {
+        warnings.push(format!(
+            "placement {}: {}: client and peer were on the same CPU {seen:.0}% of the time, expected {expected:.0}%: \
+             the pinning did not hold, these figures mix placements",
+            m.placement.name(),
+            m.kind.name()
+        ));
+    }
+}
+
+fn target_line(name: &str, p: Option<Placement>, value: String, limit: String, met: bool) {
+    let placement = p.map_or(String::new(), |p| format!(" placement={}", p.name()));
+    println!("target name={name}{placement} value={value} max={limit} {}", if met { "met" } else { "missed" });
 }
 
 fn us(ns: u64) -> String {
     format!("{:.2} us", ns as f64 / 1000.0)
 }
 
-fn report(plan: &Plan, results: &[Measured], idle: (u64, u64), end: (u64, u64)) {
-    let get = |k: Kind| results.iter().find(|r| r.kind == k).map(|r| (r, summarize(&r.samples)));
-    let [pp, cfg, bar0, batch] = KINDS.map(get);
+fn report(run: &Run) {
+    let plan = run.plan;
     let word = |m: bool| if m { "met" } else { "MISSED" };
     let mut summary = Vec::new();
-    let mut warnings: Vec<String> = Vec::new();
+    let mut warnings: Vec<String> = run.pin_failures.iter().map(|e| format!("pinning failed: {e}")).collect();
+    let mut pingpong_median = Vec::new();
 
-    if let Some((r, s)) = &pp {
-        bench_line("pingpong", s, " bytes_out=32 bytes_in=36 peer=process");
-        cpu_line("pingpong", "echo", r, s.iters);
-        summary.push(format!("AF_UNIX ping-pong, 32 B -> 36 B, peer process: {} [{}]", us(s.median), us(s.p99)));
-    }
-    for (m, what, extra) in [
-        (&cfg, "REGION_READ config 4 B:          ", " region=7 offset=0x0 count=4"),
-        (&bar0, "REGION_READ BAR0 VFGEN_RSTAT 4 B:", " region=0 offset=0x8800 count=4"),
-    ] {
-        let Some((r, s)) = m else { continue };
-        let name = r.kind.name();
-        bench_line(name, s, extra);
-        cpu_line(name, "server", r, s.iters);
-        let mut line = format!("{what}             {} [{}]", us(s.median), us(s.p99));
-        if let Some((base_m, base)) = &pp {
-            let ratio = s.median as f64 / base.median as f64;
-            let delta = s.median as i64 - base.median as i64;
-            // Both round trips are only comparable when the scheduler placed the partners alike: on one CPU they
-            // hand over by context switch, across CPUs every message costs a cross-CPU wake-up.
-            let (p_same, s_same) = (same_cpu_pct(base_m), same_cpu_pct(r));
-            let matched = (p_same - s_same).abs() <= PLACEMENT_TOLERANCE_PCT;
-            println!(
-                "ratio name={name} vs=pingpong value={ratio:.3} delta_ns={delta} same_cpu_pct={s_same:.0} \
-                 baseline_same_cpu_pct={p_same:.0} placement_matched={}",
-                if matched { "yes" } else { "no" }
-            );
-            let met = ratio <= RATIO_TARGET;
-            target_line(&format!("{name}_vs_pingpong"), format!("{ratio:.3}"), RATIO_TARGET.to_string(), met);
-            line.push_str(&format!(
-                "  = {ratio:.2}x ping-pong, +{} (target <= {RATIO_TARGET}: {})",
-                us(delta.max(0) as u64),
-                word(met)
-            ));
-            if !matched {
-                warnings.push(format!(
-                    "{name}: client and server shared a CPU {s_same:.0}% of the time, the ping-pong pair {p_same:.0}%: \
-                     the ratio compares different scheduler placements (see docs/performance.md)"
+    for &p in run.placements {
+        let get =
+            |k: Kind| run.results.iter().find(|r| r.placement == p && r.kind == k).map(|r| (r, summarize(&r.samples)));
+        let [pp, cfg, bar0, batch] = KINDS.map(get);
+        summary.push(format!(
+            "{}: client on CPU {}, peer/server main thread on CPU {}",
+            p.name(),
+            run.cpus.client,
+            run.cpus.peer(p).unwrap_or(run.cpus.client)
+        ));
+        for r in run.results.iter().filter(|r| r.placement == p) {
+            check_pinning(r, &mut warnings);
+        }
+
+        if let Some((r, s)) = &pp {
+            bench_line("pingpong", p, s, " bytes_out=32 bytes_in=36 peer=process");
+            cpu_line("pingpong", "echo", r, s.iters);
+            summary.push(format!("  AF_UNIX ping-pong, 32 B -> 36 B, peer process: {} [{}]", us(s.median), us(s.p99)));
+            pingpong_median.push((p, s.median));
+        }
+        for (m, what, extra) in [
+            (&cfg, "REGION_READ config 4 B:          ", " region=7 offset=0x0 count=4"),
+            (&bar0, "REGION_READ BAR0 VFGEN_RSTAT 4 B:", " region=0 offset=0x8800 count=4"),
+        ] {
+            let Some((r, s)) = m else { continue };
+            let name = r.kind.name();
+            bench_line(name, p, s, extra);
+            cpu_line(name, "server", r, s.iters);
+            let mut line = format!("  {what}             {} [{}]", us(s.median), us(s.p99));
+            if let Some((base_m, base)) = &pp {
+                let ratio = s.median as f64 / base.median as f64;
+                let delta = s.median as i64 - base.median as i64;
+                println!(
+                    "ratio name={name} placement={} vs=pingpong value={ratio:.3} delta_ns={delta} same_cpu_pct={:.0} \
+                     baseline_same_cpu_pct={:.0}",
+                    p.name(),
+                    same_cpu_pct(r),
+                    same_cpu_pct(base_m)
+                );
+                let met = ratio <= RATIO_TARGET;
+                target_line(
+                    &format!("{name}_vs_pingpong"),
+                    Some(p),
+                    format!("{ratio:.3}"),
+                    RATIO_TARGET.to_string(),
+                    met,
+                );
+                let sign = if delta < 0 { "-" } else { "+" };
+                line.push_str(&format!(
+                    "  = {ratio:.2}x ping-pong, {sign}{} (target <= {RATIO_TARGET}: {})",
+                    us(delta.unsigned_abs()),
+                    word(met)
                 ));
             }
+            summary.push(line);
         }
-        summary.push(line);
-    }
-    if let Some((r, s)) = &batch {
-        bench_line("posted_write_batch", s, &format!(" writes={} region=0 offset=0x7c00", plan.batch));
-        // Per posted write: the batch minus one REGION_READ (the median BAR0 read, else the batch's own
-        // minimum as a stand-in), divided by the batch size.
-        let read = bar0.as_ref().map_or(0, |(_, b)| b.median);
-        let per_write: Vec<u64> = r.samples.iter().map(|&t| t.saturating_sub(read) / u64::from(plan.batch)).collect();
-        let pw = summarize(&per_write);
-        bench_line("posted_write", &pw, " derived=(batch-median_region_read_bar0)/writes replies_to_posted=0");
-        cpu_line("posted_write", "server", r, s.iters * plan.batch as usize);
-        let mut line = format!("posted REGION_WRITE (batches of {} + 1 read):  {} each", plan.batch, us(pw.median));
-        if let Some((_, b)) = &bar0 {
-            let ratio = pw.median as f64 / b.median as f64;
-            println!("ratio name=posted_write vs=region_read_bar0 value={ratio:.3}");
-            line.push_str(&format!(" = {ratio:.2}x a REGION_READ"));
+        if let Some((r, s)) = &batch {
+            bench_line("posted_write_batch", p, s, &format!(" writes={} region=0 offset=0x7c00", plan.batch));
+            // Per posted write: the batch minus one REGION_READ (the median BAR0 read under the same placement,
+            // else nothing), divided by the batch size.
+            let read = bar0.as_ref().map_or(0, |(_, b)| b.median);
+            let per_write: Vec<u64> =
+                r.samples.iter().map(|&t| t.saturating_sub(read) / u64::from(plan.batch)).collect();
+            let pw = summarize(&per_write);
+            bench_line("posted_write", p, &pw, " derived=(batch-median_region_read_bar0)/writes replies_to_posted=0");
+            cpu_line("posted_write", "server", r, s.iters * plan.batch as usize);
+            let mut line =
+                format!("  posted REGION_WRITE (batches of {} + 1 read):  {} each", plan.batch, us(pw.median));
+            if let Some((_, b)) = &bar0 {
+                let ratio = pw.median as f64 / b.median as f64;
+                println!("ratio name=posted_write placement={} vs=region_read_bar0 value={ratio:.3}", p.name());
+                line.push_str(&format!(" = {ratio:.2}x a REGION_READ"));
+            }
+            line.push_str("; no reply to any posted write");
+            summary.push(line);
         }
-        line.push_str("; no reply to any posted write");
-        summary.push(line);
     }
+    if let [(Placement::Same, same), (Placement::Cross, cross)] | [(Placement::Cross, cross), (Placement::Same, same)] =
+        pingpong_median[..]
+    {
+        let ratio = cross as f64 / same as f64;
+        println!("ratio name=pingpong placement=cross vs=pingpong_same value={ratio:.3}");
+        summary.push(format!("ping-pong cross / same: {ratio:.2}x (what a cross-CPU wake-up costs here)"));
+    }
+    let (idle, end) = (run.idle, run.end);
     println!("rss name=server_idle vmrss_kib={} vmhwm_kib={}", idle.0, idle.1);
     println!("rss name=server_after_bench vmrss_kib={} vmhwm_kib={}", end.0, end.1);
     let rss_met = idle.0 <= RSS_TARGET_KIB;
-    target_line("server_idle_rss_kib", idle.0.to_string(), RSS_TARGET_KIB.to_string(), rss_met);
+    target_line("server_idle_rss_kib", None, idle.0.to_string(), RSS_TARGET_KIB.to_string(), rss_met);
     summary.push(format!(
         "server RSS idle after VERSION: {} KiB (target <= {RSS_TARGET_KIB} KiB: {}); after the run {} KiB, peak {} KiB",
         idle.0,
@@ -506,10 +707,24 @@ fn report(plan: &Plan, results: &[Measured], idle: (u64, u64), end: (u64, u64)) 
         end.0,
         end.1
     ));
+    println!("cpu name=server_other_threads cpu_ns={}", run.workers_ns);
+    println!("cpu name=other_processes others_cpu_pct={:.0}", run.others_cpu_pct);
+    if run.others_cpu_pct > OTHERS_CPU_WARN_PCT {
+        warnings.push(format!(
+            "other processes used {:.0}% of a CPU during the measured rounds: `cross` figures depend on the second \
+             CPU being idle and are disturbed (see docs/performance.md)",
+            run.others_cpu_pct
+        ));
+    }
+    summary.push(format!(
+        "server threads other than the main one: {} of CPU in all (not pinned per placement, not on the request path)",
+        us(run.workers_ns)
+    ));
 
     println!("#");
-    println!("# Summary (medians; p99 in brackets). Nothing is pinned: the bench, the peer/server and anything else");
-    println!("# on this machine share its cores, so compare the ratios, measured interleaved in the same run.");
+    println!("# Summary (medians; p99 in brackets). Pinned: this client to one CPU, the ping-pong peer's and the");
+    println!("# server's main thread to that CPU (same) or another (cross); ratios compare the same placement,");
+    println!("# measured interleaved in the same run.");
     for line in summary {
         println!("#   {line}");
     }

@@ -62,6 +62,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// The PID as the ID of the process's main thread, for `sched_setaffinity`.
+    pub fn main_thread(&self) -> Pid {
+        Pid::from_child(&self.child)
+    }
+
     /// `None` while the process runs, else how it ended.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
@@ -201,6 +206,39 @@ pub fn last_cpu(who: &str) -> Result<u32, String> {
         .and_then(|(_, rest)| rest.split_whitespace().nth(39 - 3))
         .and_then(|f| f.parse().ok())
         .ok_or_else(|| format!("{path}: unexpected format"))
+}
+
+/// CPU time of the whole machine so far, in clock ticks (first line of /proc/stat): (busy, busy + idle, number of
+/// CPUs). Busy is user, nice, system, irq and softirq; steal (the host running something else) counts as neither.
+pub fn machine_ticks() -> Result<(u64, u64, u64), String> {
+    let stat = fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let ncpus = stat.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count() as u64;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| l.split_whitespace().filter_map(|f| f.parse().ok()).collect())
+        .unwrap_or_default();
+    if v.len() < 7 {
+        return Err("/proc/stat: unexpected format".into());
+    }
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6];
+    Ok((busy, busy + v[3] + v[4], ncpus.max(1)))
+}
+
+/// User + system time of a whole process (all its threads) so far, in clock ticks (`who`: a PID or `self`),
+/// fields 14 and 15 of /proc/<who>/stat.
+pub fn process_ticks(who: &str) -> Result<u64, String> {
+    let path = format!("/proc/{who}/stat");
+    let stat = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let f: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().skip(14 - 3).take(2).filter_map(|f| f.parse().ok()).collect())
+        .unwrap_or_default();
+    match f[..] {
+        [utime, stime] => Ok(utime + stime),
+        _ => Err(format!("{path}: unexpected format")),
+    }
 }
 
 impl Drop for Proc {

@@ -127,8 +127,14 @@ fn step<'a>(out: &'a str, name: &str) -> &'a str {
 /// The interface comes up with the --mac address and carrier within 5 s (the guest script's bound), survives an
 /// MTU change (a VF reset) and a driver reload, and the driver logs no errors.
 fn link_comes_up(kernel: &str, ram: &str) {
+    link_comes_up_with(kernel, ram, &[]);
+}
+
+fn link_comes_up_with(kernel: &str, ram: &str, server_args: &[&str]) {
     let mac = "02:5e:11:22:33:44";
-    let mut s = ServerProcess::start_with(&["--mac", mac]);
+    let mut args = vec!["--mac", mac];
+    args.extend_from_slice(server_args);
+    let mut s = ServerProcess::start_with(&args);
     let out = Vm::start_script(&s, kernel, ram, "link-up.sh").output();
     assert!(out.contains("GUEST: done"), "guest did not finish:\n{out}");
     step(&out, "netdev");
@@ -162,4 +168,11 @@ fn link_up_mtu_reset_and_reload_on_6_12_with_memfd_ram() {
 #[test]
 fn link_up_mtu_reset_and_reload_on_6_12_with_plain_ram() {
     link_comes_up("6.12", "plain");
+}
+
+/// BAR0's doorbell page offered as a sparse mmap area: QEMU takes the region info with the capability and its fd,
+/// maps the page, and the driver still comes up, resets and reloads.
+#[test]
+fn link_up_with_mmap_doorbells_on_6_12() {
+    link_comes_up_with("6.12", "memfd", &["--doorbells", "mmap"]);
 }

@@ -5,14 +5,21 @@
 //! an [`RxPort`](crate::net::RxPort), are filtered by MAC, steered to a queue (RSS when granted) and written into
 //! the buffers the driver posted, waiting in a bounded backlog while a ring has none.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{Bytes, FileOffset, VolatileMemory};
 
 use crate::mem::MemError;
 use crate::offload::{self, TxOffload};
-use crate::regs::{QRX_TAIL1, QTX_TAIL1};
-use crate::vf::Shared;
+use crate::regs::{MAX_QUEUES, QRX_TAIL1, QTX_TAIL1};
+use crate::vf::{Shared, VfState};
 
 pub const TX_DESC: u64 = 16;
 const DTYPE_MASK: u64 = 0xf;
@@ -36,7 +43,70 @@ pub(crate) enum DpWork {
     RxTail(u16),
     /// A frame from the wire.
     Rx(Vec<u8>),
+    /// `--doorbells mmap`: a TX queue is enabled, start polling the doorbell page.
+    Poll,
     Stop,
+}
+
+/// The size of BAR0's first page, which holds the 16 QTX_TAIL registers (0x0000-0x003F).
+pub const DOORBELL_PAGE: u64 = 0x1000;
+/// How long the poller sleeps between looks at the doorbell page while a TX queue is enabled.
+pub const POLL_INTERVAL: Duration = Duration::from_micros(20);
+
+/// `--doorbells mmap`: BAR0's first page in a memfd the client maps directly, so the guest's QTX_TAIL stores land
+/// in shared memory with no message; the datapath worker polls it. Trapped accesses to the page use it too.
+pub struct DoorbellPage {
+    region: MmapRegion<()>,
+    /// The datapath worker is polling (set under the device lock; see `VfState::wake_poller`).
+    pub(crate) polling: AtomicBool,
+}
+
+impl DoorbellPage {
+    pub fn new() -> io::Result<Self> {
+        let fd = rustix::fs::memfd_create("vfu-i40evf-doorbells", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, DOORBELL_PAGE)?;
+        let region = MmapRegion::build(
+            Some(FileOffset::new(File::from(fd), 0)),
+            DOORBELL_PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| io::Error::other(format!("mapping the doorbell page: {e}")))?;
+        Ok(DoorbellPage { region, polling: AtomicBool::new(false) })
+    }
+
+    /// The memfd the client maps (offset 0).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.region.file_offset().expect("built with a file").file().as_fd()
+    }
+
+    /// `offset + out.len()` is within the page.
+    pub fn read(&self, offset: u64, out: &mut [u8]) {
+        let _ = self.region.as_volatile_slice().read_slice(out, offset as usize);
+    }
+
+    /// `offset + data.len()` is within the page.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let _ = self.region.as_volatile_slice().write_slice(data, offset as usize);
+    }
+
+    pub fn tail(&self, q: u16) -> u32 {
+        let at = (QTX_TAIL1 + 4 * u64::from(q)) as usize;
+        u32::from_le(self.region.as_volatile_slice().load::<u32>(at, Ordering::Acquire).unwrap_or(0))
+    }
+
+    /// Power-on contents: all zero.
+    pub fn clear(&self) {
+        self.write(0, &[0u8; DOORBELL_PAGE as usize]);
+    }
+}
+
+/// QTX_TAIL(q): the register file, or the doorbell page in `--doorbells mmap` mode.
+fn tx_tail(st: &VfState, q: u16) -> u32 {
+    match &st.doorbells {
+        Some(page) => page.tail(q),
+        None => st.regs.get(QTX_TAIL1 + 4 * u64::from(q)),
+    }
 }
 
 /// RX descriptor (32-byte legacy format) writeback bits.
@@ -49,12 +119,65 @@ const RX_LEN_SHIFT: u32 = 38;
 pub const RX_BACKLOG: usize = 512;
 
 pub(crate) fn worker(shared: Arc<Shared>, rx: Receiver<DpWork>) {
+    let doorbells = shared.lock().doorbells.clone();
+    if let Some(page) = doorbells {
+        return polling_worker(&shared, &rx, &page);
+    }
     while let Ok(w) = rx.recv() {
         match w {
             DpWork::Tx(q) => process_tx(&shared, q),
             DpWork::RxTail(q) => drain_rx(&shared, q),
             DpWork::Rx(frame) => receive(&shared, frame),
+            DpWork::Poll => {}
             DpWork::Stop => return,
+        }
+    }
+}
+
+/// `--doorbells mmap`: while a TX queue is enabled, looks at the doorbell page every [`POLL_INTERVAL`] (and after
+/// every message) and walks each queue whose tail moved; otherwise blocks until a message comes, so an idle
+/// server burns no CPU. A trapped BAR0 write sends [`DpWork::Poll`] once queues are enabled.
+fn polling_worker(shared: &Shared, rx: &Receiver<DpWork>, page: &DoorbellPage) {
+    let mut seen = [0u32; MAX_QUEUES as usize];
+    let mut generation = 0;
+    loop {
+        let enabled = {
+            let st = shared.lock();
+            if st.generation != generation {
+                generation = st.generation;
+                seen = [0; MAX_QUEUES as usize]; // a reset cleared the page
+            }
+            page.polling.store(st.pf.tx_enabled != 0, Ordering::Relaxed);
+            st.pf.tx_enabled
+        };
+        let w = if enabled != 0 {
+            match rx.recv_timeout(POLL_INTERVAL) {
+                Ok(w) => Some(w),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(w) => Some(w),
+                Err(_) => return,
+            }
+        };
+        match w {
+            Some(DpWork::Tx(q)) => process_tx(shared, q),
+            Some(DpWork::RxTail(q)) => drain_rx(shared, q),
+            Some(DpWork::Rx(frame)) => receive(shared, frame),
+            Some(DpWork::Stop) => return,
+            Some(DpWork::Poll) | None => {}
+        }
+        for q in 0..MAX_QUEUES as u16 {
+            if enabled & (1 << q) == 0 {
+                continue;
+            }
+            let tail = page.tail(q);
+            if tail != seen[q as usize] {
+                seen[q as usize] = tail;
+                process_tx(shared, q);
+            }
         }
     }
 }
@@ -91,7 +214,7 @@ fn process_tx(shared: &Shared, q: u16) {
             if st.pf.tx_enabled & (1 << q) == 0 {
                 return;
             }
-            let tail = st.regs.get(QTX_TAIL1 + 4 * u64::from(q));
+            let tail = tx_tail(&st, q);
             (st.generation, cfg.ring, cfg.len, st.tx_head[qi], tail)
         };
         if head == tail {

@@ -2,20 +2,21 @@
 //! queue) runs on the device's worker thread so the protocol thread never waits for the client.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Sender};
 
 use crate::aq::{ArqMsg, ARQ_BACKLOG};
-use crate::datapath::{self, DpWork};
+use crate::datapath::{self, DoorbellPage, DpWork, DOORBELL_PAGE};
 use crate::irq::{self, Interrupts};
 use crate::mem::GuestMem;
 use crate::net::{FrameSink, NoSink, RxPort};
 use crate::pci::{self, PciConfig};
 use crate::regs::*;
 use crate::virtchnl::{LinkSpeed, Pf};
-use crate::{aq, DevResult, Errno, IrqAction, IrqData, IrqInfo, RegionInfo, VfioDevice};
+use crate::{aq, DevResult, Errno, IrqAction, IrqData, IrqInfo, RegionInfo, RegionMmap, VfioDevice};
 
 pub const NUM_REGIONS: u32 = 9;
 pub const CONFIG_REGION: u32 = 7;
@@ -30,12 +31,20 @@ pub struct VfConfig {
     /// Queue pairs offered to the driver (1..=16).
     pub queue_pairs: u16,
     pub link_speed: LinkSpeed,
+    /// `--doorbells mmap`: BAR0's first page (the QTX_TAIL registers) is offered as an mmap area backed by a
+    /// memfd the datapath worker polls, instead of trapped register writes (`docs/doorbells.md`).
+    pub mmap_doorbells: bool,
 }
 
 impl Default for VfConfig {
     fn default() -> Self {
         // Locally administered unicast; 4 queue pairs and 5 vectors like a real VF.
-        VfConfig { mac: [0x02, 0x00, 0x00, 0x15, 0x4c, 0x01], queue_pairs: 4, link_speed: LinkSpeed(10000) }
+        VfConfig {
+            mac: [0x02, 0x00, 0x00, 0x15, 0x4c, 0x01],
+            queue_pairs: 4,
+            link_speed: LinkSpeed(10000),
+            mmap_doorbells: false,
+        }
     }
 }
 
@@ -70,6 +79,8 @@ pub struct VfState {
     pub sink: Arc<dyn FrameSink>,
     /// Frames per queue since power-on: (received, transmitted).
     pub queue_frames: Vec<(u64, u64)>,
+    /// `--doorbells mmap`: the shared page holding the QTX_TAIL registers (which then are not in `regs`).
+    pub doorbells: Option<Arc<DoorbellPage>>,
 }
 
 impl VfState {
@@ -89,6 +100,7 @@ impl VfState {
             rx_backlog: vec![VecDeque::new(); cfg.queue_pairs as usize],
             sink: Arc::new(NoSink),
             queue_frames: vec![(0, 0); cfg.queue_pairs as usize],
+            doorbells: None,
         }
     }
 
@@ -99,9 +111,14 @@ impl VfState {
         let version = self.pf.version;
         let irq = std::mem::replace(&mut self.irq, Interrupts::new(0));
         let sink = self.sink.clone();
+        let doorbells = self.doorbells.take();
         *self = VfState::power_on(cfg);
         self.irq = irq;
         self.sink = sink;
+        if let Some(page) = &doorbells {
+            page.clear();
+        }
+        self.doorbells = doorbells;
         self.irq.reset();
         self.generation = generation;
         self.pf.version = version;
@@ -113,6 +130,9 @@ impl VfState {
     pub fn vf_reset(&mut self) {
         self.generation += 1;
         self.regs = RegFile::power_on(pci::BAR0_SIZE);
+        if let Some(page) = &self.doorbells {
+            page.clear();
+        }
         self.regs.set(VFGEN_RSTAT, RSTAT_INPROGRESS);
         self.intena.fill(false);
         self.pending.fill(false);
@@ -211,11 +231,22 @@ pub struct I40eVf {
     work: Option<Sender<Work>>,
     dp: Option<Sender<DpWork>>,
     workers: Vec<JoinHandle<()>>,
+    doorbells: Option<Arc<DoorbellPage>>,
 }
 
 impl I40eVf {
     pub fn new(cfg: VfConfig, mem: GuestMem) -> Self {
-        let shared = Arc::new(Shared { state: Mutex::new(VfState::power_on(&cfg)), mem, cfg });
+        let mut state = VfState::power_on(&cfg);
+        let doorbells =
+            cfg.mmap_doorbells.then(|| Arc::new(DoorbellPage::new().expect("creating the doorbell page memfd")));
+        state.doorbells = doorbells.clone();
+        if doorbells.is_some() {
+            log::info!(
+                "doorbells: BAR0 0x0-0xfff (QTX_TAIL) is an mmap area, polled every {:?}",
+                datapath::POLL_INTERVAL
+            );
+        }
+        let shared = Arc::new(Shared { state: Mutex::new(state), mem, cfg });
         let (tx, rx) = unbounded();
         let s = shared.clone();
         let aq = std::thread::Builder::new()
@@ -228,7 +259,7 @@ impl I40eVf {
             .name("vf-datapath".into())
             .spawn(move || datapath::worker(s, drx))
             .expect("spawning the datapath worker");
-        I40eVf { shared, work: Some(tx), dp: Some(dtx), workers: vec![aq, dp] }
+        I40eVf { shared, work: Some(tx), dp: Some(dtx), workers: vec![aq, dp], doorbells }
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -262,6 +293,14 @@ impl I40eVf {
     }
 
     fn bar0_read(&self, offset: u64, out: &mut [u8]) {
+        if let Some(page) = self.doorbells.as_ref().filter(|_| offset < DOORBELL_PAGE) {
+            let n = out.len().min((DOORBELL_PAGE - offset) as usize);
+            page.read(offset, &mut out[..n]);
+            if n < out.len() {
+                self.bar0_read(DOORBELL_PAGE, &mut out[n..]);
+            }
+            return;
+        }
         let mut st = self.shared.lock();
         let first = offset & !3;
         let end = offset + out.len() as u64;
@@ -286,6 +325,7 @@ impl I40eVf {
             log::warn!("BAR0 write of {} bytes at {offset:#x}: registers are 32-bit; ignored", data.len());
             return Err(Errno::EINVAL);
         }
+        self.wake_poller();
         for (i, chunk) in data.chunks_exact(4).enumerate() {
             let off = offset + 4 * i as u64;
             self.reg_write(off, u32::from_le_bytes(chunk.try_into().unwrap()));
@@ -293,7 +333,30 @@ impl I40eVf {
         Ok(())
     }
 
+    /// `--doorbells mmap`: a trapped write is the driver's sign of life after ENABLE_QUEUES (ARQT, DYN_CTL
+    /// re-arms); it starts the datapath worker polling the doorbell page if it was blocked.
+    fn wake_poller(&self) {
+        let Some(page) = &self.doorbells else { return };
+        let st = self.shared.lock();
+        if st.pf.tx_enabled != 0 && !page.polling.swap(true, Ordering::Relaxed) {
+            drop(st);
+            if let Some(dp) = &self.dp {
+                let _ = dp.send(DpWork::Poll);
+            }
+        }
+    }
+
     fn reg_write(&self, off: u64, val: u32) {
+        if let Some(page) = self.doorbells.as_ref().filter(|_| off < DOORBELL_PAGE) {
+            // The page is shared memory: what the client stores there directly and what arrives trapped are one.
+            page.write(off, &val.to_le_bytes());
+            if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) {
+                if let Some(dp) = &self.dp {
+                    let _ = dp.send(DpWork::Tx(((off - QTX_TAIL1) / 4) as u16));
+                }
+            }
+            return;
+        }
         if !is_register(off) {
             log::trace!("BAR0 write {val:#x} to unimplemented offset {off:#x} ignored");
             return;
@@ -408,12 +471,20 @@ impl VfioDevice for I40eVf {
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         let rw = |size| RegionInfo { size, read: true, write: true, mmap_areas: vec![] };
         match index {
+            0 if self.doorbells.is_some() => {
+                Some(RegionInfo { mmap_areas: vec![(0, DOORBELL_PAGE)], ..rw(pci::BAR0_SIZE) })
+            }
             0 => Some(rw(pci::BAR0_SIZE)),
             3 => Some(rw(pci::BAR3_SIZE)),
             CONFIG_REGION => Some(rw(pci::CONFIG_SIZE as u64)),
             i if i < NUM_REGIONS => Some(RegionInfo::default()),
             _ => None,
         }
+    }
+
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap<'_>> {
+        let page = self.doorbells.as_ref().filter(|_| index == 0)?;
+        Some(RegionMmap { fd: page.fd(), offset: 0 })
     }
 
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {

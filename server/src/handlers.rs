@@ -222,7 +222,7 @@ impl<D: VfioDevice> Ctx<'_, D> {
         let mut caps = Writer::default();
         let mut offset = 0;
         if let Some(m) = &mmap {
-            flags |= VFIO_REGION_INFO_FLAG_MMAP | VFIO_REGION_INFO_FLAG_CAPS;
+            flags |= VFIO_REGION_INFO_FLAG_MMAP;
             offset = m.offset;
             caps = caps.u16(VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16).u16(1).u32(0);
             caps = caps.u32(info.mmap_areas.len() as u32).u32(0);
@@ -233,6 +233,11 @@ impl<D: VfioDevice> Ctx<'_, D> {
         let needed = 32 + caps.0.len() as u32;
         let fits = argsz >= needed;
         let cap_offset = if fits && !caps.0.is_empty() { 32 } else { 0 };
+        // CAPS only when the chain is in this reply: QEMU 11.1.3 rejects CAPS with cap_offset 0, and retries on
+        // argsz alone.
+        if cap_offset != 0 {
+            flags |= VFIO_REGION_INFO_FLAG_CAPS;
+        }
         let mut w = Writer::default().u32(needed).u32(flags).u32(index).u32(cap_offset).u64(info.size).u64(offset);
         let mut fds = Vec::new();
         if fits {
@@ -568,7 +573,7 @@ mod tests {
         let req = |argsz: u32| Writer::default().u32(argsz).u32(0).u32(0).u32(0).u64(0).u64(0).0;
         let need = 32 + 8 + 8 + 2 * 16;
 
-        // Too small: the fixed part only, argsz says what is needed, no capability and no fd yet.
+        // Too small: the fixed part only, argsz says what is needed, no capability (so no CAPS flag) and no fd yet.
         let r = ctx.region_info(&req(32)).unwrap();
         let mut rd = Reader::new(&r.payload);
         let (argsz, flags, index, cap_off, size, off) = (
@@ -581,7 +586,7 @@ mod tests {
         );
         assert_eq!((argsz, index, cap_off, size, off), (need, 0, 0, 0x10000, 0x40000));
         let all = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE | VFIO_REGION_INFO_FLAG_MMAP;
-        assert_eq!(flags, all | VFIO_REGION_INFO_FLAG_CAPS);
+        assert_eq!(flags, all);
         assert_eq!(r.payload.len(), 32);
         assert!(r.fds.is_empty());
 
@@ -589,6 +594,8 @@ mod tests {
         let r = ctx.region_info(&req(need)).unwrap();
         assert_eq!(r.payload.len(), need as usize);
         assert_eq!(r.fds.len(), 1);
+        let mut rd = Reader::new(&r.payload[4..]);
+        assert_eq!(rd.u32(), Some(all | VFIO_REGION_INFO_FLAG_CAPS), "CAPS with the chain");
         let mut rd = Reader::new(&r.payload[12..]);
         assert_eq!(rd.u32(), Some(32), "cap_offset");
         let mut cap = Reader::new(&r.payload[32..]);

@@ -51,6 +51,11 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     pcap: Option<PathBuf>,
 
+    /// TX doorbells (QTX_TAIL): trap (posted register writes) or mmap (BAR0's first page shared with the client and
+    /// polled by the device; opt-in, see docs/doorbells.md).
+    #[arg(long, value_name = "MODE", default_value = "trap", value_parser = ["trap", "mmap"])]
+    doorbells: String,
+
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -105,16 +110,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> std::io::Result<()> {
     let signals = sys::signal_pipe()?;
-    let (endpoint, _socket) = match (&cli.socket, cli.fd) {
-        (Some(path), _) => {
-            let (l, guard) = sys::listen(path)?;
-            log::info!("listening on {}", path.display());
-            (Endpoint::Listener(l), Some(guard))
-        }
-        (None, Some(fd)) => (sys::adopt_fd(fd)?, None),
-        (None, None) => unreachable!("clap requires --socket or --fd"),
+    let mut cfg = VfConfig {
+        queue_pairs: cli.queues,
+        link_speed: LinkSpeed(cli.link_speed),
+        mmap_doorbells: cli.doorbells == "mmap",
+        ..Default::default()
     };
-    let mut cfg = VfConfig { queue_pairs: cli.queues, link_speed: LinkSpeed(cli.link_speed), ..Default::default() };
     if let Some(mac) = cli.mac {
         cfg.mac = mac;
     }
@@ -138,6 +139,16 @@ fn run(cli: Cli) -> std::io::Result<()> {
     vf.set_sink(backend.sink());
     backend.start(vf.rx_port())?;
     log::info!("packet backend: {}", cli.backend);
+    // The socket comes last: a client (or a test) that can connect may rely on everything above being ready.
+    let (endpoint, _socket) = match (&cli.socket, cli.fd) {
+        (Some(path), _) => {
+            let (l, guard) = sys::listen(path)?;
+            log::info!("listening on {}", path.display());
+            (Endpoint::Listener(l), Some(guard))
+        }
+        (None, Some(fd)) => (sys::adopt_fd(fd)?, None),
+        (None, None) => unreachable!("clap requires --socket or --fd"),
+    };
     let mut server = Server::new(vf, mem, endpoint)?;
     server.stop_on(signals)?;
     server.run()
