@@ -11,11 +11,27 @@ use rustix::process::{kill_process, Pid, Signal};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vfu-i40evf");
 
-fn tmpdir(name: &str) -> PathBuf {
+/// A temporary directory removed on drop, so a failing test leaves nothing behind either.
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmpdir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("vfu-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn run(args: &[&str]) -> Output {
@@ -113,7 +129,6 @@ fn unusable_socket_paths_are_errors() {
     let o = run(&["--socket", live.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("another server is listening"), "{}", stderr(&o));
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
@@ -133,7 +148,6 @@ fn stale_socket_is_replaced_and_sigterm_removes_it() {
     s.signal(Signal::INT);
     assert!(s.wait_exit(Duration::from_secs(5)).success());
     assert!(!sock.exists(), "socket left behind after SIGINT");
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
@@ -179,5 +193,4 @@ fn inherited_fds() {
     let mut err = String::new();
     s.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(err.contains("not a UNIX stream socket"), "{err}");
-    std::fs::remove_dir_all(&d).unwrap();
 }
