@@ -1178,3 +1178,39 @@ fn rule_no_reply_flag_suppresses_error_replies() {
     assert_eq!(c.read32(BAR0, VF_ATQBAL1), 0x1000, "failed posted write was applied");
     s.assert_alive();
 }
+
+/// A client that sends requests but never reads the replies cannot make the server buffer without limit: the
+/// server stops reading past 8 MiB of queued output, and resumes, losing nothing, once the client reads.
+#[test]
+fn a_client_that_does_not_read_replies_is_paused_not_buffered() {
+    let (mut s, mut c) = setup();
+    let n = 300u16; // 300 x 64 KiB replies = 19 MiB
+    let ids: Vec<u16> =
+        (0..n).map(|_| c.send(cmd::REGION_READ, &read_payload(0, BAR0, 65536), &[], false).unwrap()).collect();
+    let t = Instant::now();
+    while !s.log().contains("is not reading its replies") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the server never paused:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for id in ids {
+        let r = c.recv_reply(id).expect("every reply arrives once the client reads");
+        assert_eq!((r.errno, r.payload.len()), (None, 16 + 65536));
+    }
+    still_works(&mut c, "after the pause");
+    s.assert_alive();
+}
+
+/// A blocking eventfd whose counter is saturated would block the server's signal write forever; SET_IRQS makes
+/// eventfds non-blocking, so triggering one just fails and the server keeps serving.
+#[test]
+fn a_saturated_blocking_eventfd_cannot_hang_the_server() {
+    let (mut s, mut c) = setup();
+    let efd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    rustix::io::write(&efd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+    let r = c.set_irqs(IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, IRQ_MSIX, 0, 1, &[], &[efd.as_fd()]);
+    assert_eq!(r.errno, None);
+    let r = c.set_irqs(IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, IRQ_MSIX, 0, 1, &[], &[]);
+    assert_eq!(r.errno, None, "the software trigger returns");
+    still_works(&mut c, "after signalling a saturated eventfd");
+    s.assert_alive();
+}

@@ -145,7 +145,9 @@ fn process_atq(shared: &Shared) {
                 format_args!("ATQ head {} / tail {} outside ring of {}", r.head, r.tail, r.len),
             );
         }
-        let at = r.base + u64::from(r.head) * DESC_SIZE;
+        let Some(at) = r.base.checked_add(u64::from(r.head) * DESC_SIZE) else {
+            return stall(shared, VF_ATQLEN1, format_args!("ATQ base {:#x} wraps the address space", r.base));
+        };
         let mut raw = [0u8; 32];
         if let Err(e) = shared.mem.read(at, &mut raw) {
             return stall(shared, VF_ATQLEN1, format_args!("ATQ descriptor {} at {at:#x}: {e}", r.head));
@@ -242,7 +244,9 @@ pub(crate) fn deliver_arq(shared: &Shared) {
             return;
         }
         let Some(m) = shared.lock().arq_backlog.pop_front() else { return };
-        let at = r.base + u64::from(r.head) * DESC_SIZE;
+        let Some(at) = r.base.checked_add(u64::from(r.head) * DESC_SIZE) else {
+            return stall(shared, VF_ARQLEN1, format_args!("ARQ base {:#x} wraps the address space", r.base));
+        };
         let mut raw = [0u8; 32];
         if let Err(e) = shared.mem.read(at, &mut raw) {
             return stall(shared, VF_ARQLEN1, format_args!("ARQ descriptor {} at {at:#x}: {e}", r.head));

@@ -19,6 +19,9 @@ use vm_memory::{FileOffset, VolatileMemory};
 use crate::Errno;
 
 pub const PAGE_SIZE: u64 = 4096;
+/// The most memory all fd-backed mappings together may cover: bounds their dirty bitmaps (32 MiB at this size),
+/// which a hostile client could otherwise make the server allocate without limit.
+pub const MAX_MAPPED_BYTES: u64 = 1 << 40;
 
 /// Access to guest memory the client did not share with an fd. Calls block the calling device worker (never the
 /// protocol thread) until the client answers.
@@ -85,6 +88,26 @@ impl Table {
     }
 }
 
+/// An mmap past the end of the file would SIGBUS the server on first access, so the file must cover the mapping.
+/// A file the client can still shrink could do the same later; that needs an F_SEAL_SHRINK seal, which QEMU's
+/// memfd backend sets by default, so its absence is only logged.
+fn check_file(file: &File, offset: u64, size: u64, iova: u64) -> Result<(), Errno> {
+    let st = rustix::fs::fstat(file).map_err(|e| Errno(e.raw_os_error()))?;
+    let end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
+    if u64::try_from(st.st_size).unwrap_or(0) < end {
+        log::warn!(
+            "DMA_MAP {iova:#x}+{size:#x}: fd offset {offset:#x} + size runs past the file's {} bytes",
+            st.st_size
+        );
+        return Err(Errno::EINVAL);
+    }
+    let sealed = rustix::fs::fcntl_get_seals(file).is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK));
+    if !sealed {
+        log::info!("DMA_MAP {iova:#x}+{size:#x}: the client's file is not sealed against shrinking");
+    }
+    Ok(())
+}
+
 /// The set of DMA mappings, shared by the server (which changes it) and device workers (which use it).
 #[derive(Clone, Default)]
 pub struct GuestMem {
@@ -125,6 +148,20 @@ impl GuestMem {
         let backing = match file {
             Some((file, offset)) => {
                 let len = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
+                check_file(&file, offset, size, iova)?;
+                let mapped: u64 = self
+                    .rd()
+                    .regions
+                    .values()
+                    .filter(|r| matches!(r.backing, Backing::Mapped(_)))
+                    .map(|r| r.size)
+                    .sum();
+                if mapped.saturating_add(size) > MAX_MAPPED_BYTES {
+                    log::warn!(
+                        "DMA_MAP {iova:#x}+{size:#x}: fd-backed mappings would exceed {MAX_MAPPED_BYTES:#x} bytes"
+                    );
+                    return Err(Errno(libc::ENOMEM));
+                }
                 let prot = (if readable { libc::PROT_READ } else { 0 }) | (if writable { libc::PROT_WRITE } else { 0 });
                 let region = MmapRegion::build(
                     Some(FileOffset::new(file, offset)),
@@ -148,7 +185,9 @@ impl GuestMem {
         if overlaps_prev {
             return Err(Errno(libc::EEXIST));
         }
-        let dirty = PageBitmap::new(size, PAGE_SIZE);
+        // Only memory we write directly is tracked here; the client tracks what it writes for our DMA messages.
+        let tracked = if matches!(backing, Backing::Mapped(_)) { size } else { 0 };
+        let dirty = PageBitmap::new(tracked, PAGE_SIZE);
         t.regions.insert(iova, Region { size, readable, writable, backing, dirty });
         Ok(())
     }
@@ -326,6 +365,20 @@ mod tests {
         m.write(0x10000 + PAGE_SIZE, b"x").unwrap();
         assert!(matches!(m.read(0xfff0, &mut [0u8; 32]), Err(MemError::Unmapped(0xfff0))));
         assert_eq!(m.take_dirty(0x10000).unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn files_must_cover_the_mapping_and_totals_are_capped() {
+        let m = GuestMem::new();
+        let f = memfd(PAGE_SIZE);
+        assert_eq!(m.map(0, 2 * PAGE_SIZE, true, true, Some((f, 0))), Err(Errno::EINVAL), "past end of file");
+        let f = memfd(2 * PAGE_SIZE);
+        assert_eq!(m.map(0, 2 * PAGE_SIZE, true, true, Some((f, PAGE_SIZE))), Err(Errno::EINVAL), "offset + size");
+        let huge = memfd(MAX_MAPPED_BYTES + PAGE_SIZE); // sparse: nothing is allocated
+        assert_eq!(m.map(0, MAX_MAPPED_BYTES + PAGE_SIZE, true, true, Some((huge, 0))), Err(Errno(libc::ENOMEM)));
+        // Fd-less mappings get no bitmap, so they are not capped beyond the map count.
+        m.map(1 << 50, 1 << 48, true, true, None).unwrap();
+        assert!(m.is_empty() || m.len() == 1);
     }
 
     #[test]

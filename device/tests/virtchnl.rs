@@ -252,3 +252,23 @@ fn queue_count_and_vectors_follow_the_flag() {
     assert_eq!(u16::from_le_bytes([r.payload[4], r.payload[5]]), 17);
     assert_eq!(d.bus.vf.irq_info(irq::MSIX).unwrap().count, 17);
 }
+
+/// Admin queue bases at the top of the address space stall the queue (LEN.CRIT) instead of overflowing.
+#[test]
+fn admin_queue_base_wrapping_the_address_space_stalls_the_queue() {
+    let mut d = driver();
+    d.bus.write32(VF_ATQLEN1, 2 | AQ_ENABLE);
+    d.bus.write32(VF_ATQBAL1, 0xffff_ffe0);
+    d.bus.write32(VF_ATQBAH1, 0xffff_ffff);
+    d.bus.write32(VF_ATQH1, 1);
+    d.bus.write32(VF_ATQT1, 0);
+    let t = std::time::Instant::now();
+    while d.bus.read32(VF_ATQLEN1) & AQ_CRIT == 0 {
+        assert!(t.elapsed() < SEC, "ATQLEN.CRIT never set");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The device still works after a reset and a proper setup.
+    d.bus.vf.reset();
+    d.init_aq();
+    assert_eq!(d.request(OP_VERSION, &dm::msg_version(1, 1)).status, 0);
+}

@@ -209,6 +209,11 @@ impl Conn {
         !self.out.is_empty()
     }
 
+    /// Bytes queued for the client and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.iter().map(|o| o.bytes.len() - o.sent).sum()
+    }
+
     /// Writes as much queued output as the socket takes. Fds go with the first byte of their message.
     pub fn flush(&mut self) -> io::Result<()> {
         while let Some(o) = self.out.front_mut() {

@@ -333,6 +333,13 @@ impl<D: VfioDevice> Ctx<'_, D> {
                 if let Some(bad) = fds.iter().find(|f| !is_eventfd(f)) {
                     reject!(Errno::EINVAL, "SET_IRQS: fd {} is not an eventfd", bad.as_raw_fd());
                 }
+                // A blocking eventfd at its maximum count would block our signal write under the device lock
+                // forever; non-blocking, such a write just fails (the interrupt is already pending client-side).
+                for fd in &fds {
+                    let fl = rustix::fs::fcntl_getfl(fd).map_err(|e| Errno(e.raw_os_error()))?;
+                    rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)
+                        .map_err(|e| Errno(e.raw_os_error()))?;
+                }
                 IrqData::Eventfd(fds)
             }
             _ => reject!(

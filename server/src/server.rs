@@ -21,6 +21,11 @@ const LISTENER: Token = Token(0);
 const CLIENT: Token = Token(1);
 const WAKER: Token = Token(2);
 const SIGNAL: Token = Token(3);
+/// A client that stops reading our replies may not make us buffer without limit: past this much queued output we
+/// stop reading its requests until the socket drains to half of it.
+const MAX_QUEUED_OUTPUT: usize = 8 << 20;
+/// DMA requests outstanding at once; more fail at once (a client that never answers cannot grow the table).
+const MAX_PENDING_DMA: usize = 1024;
 
 /// Where clients come from.
 pub enum Endpoint {
@@ -41,6 +46,8 @@ struct Session {
     id: u64,
     conn: Conn,
     interest: Interest,
+    /// Reading is paused because too much output is queued.
+    paused: bool,
     negotiated: Option<Negotiated>,
     pending: HashMap<u16, PendingDma>,
     next_id: u16,
@@ -166,6 +173,7 @@ impl<D: VfioDevice> Server<D> {
             id: self.sessions,
             conn: Conn::new(stream, MAX_MSG),
             interest: Interest::READABLE,
+            paused: false,
             negotiated: None,
             pending: HashMap::new(),
             next_id: 0,
@@ -206,6 +214,13 @@ impl<D: VfioDevice> Server<D> {
     fn service_client(&mut self) {
         loop {
             let Some(s) = &mut self.session else { return };
+            if s.conn.queued_bytes() > MAX_QUEUED_OUTPUT {
+                if !s.paused {
+                    log::warn!("client {} is not reading its replies: pausing its requests", s.id);
+                }
+                s.paused = true;
+                break;
+            }
             match s.conn.fill() {
                 Ok(ReadStatus::Data { more }) => {
                     if let Err(why) = self.process_input() {
@@ -233,8 +248,13 @@ impl<D: VfioDevice> Server<D> {
         if want != s.interest {
             s.interest = want;
             if let Err(e) = self.poll.registry().reregister(&mut s.conn.stream, CLIENT, want) {
-                self.end_session(&format!("poll registration: {e}"));
+                return self.end_session(&format!("poll registration: {e}"));
             }
+        }
+        if s.paused && s.conn.queued_bytes() <= MAX_QUEUED_OUTPUT / 2 {
+            // Requests may be waiting in the socket with no new edge to report them: read now.
+            s.paused = false;
+            self.service_client();
         }
     }
 
@@ -298,6 +318,11 @@ impl<D: VfioDevice> Server<D> {
                 let _ = req.reply.send(Err(io::Error::new(io::ErrorKind::NotConnected, "client disconnected")));
                 continue;
             };
+            if s.pending.len() >= MAX_PENDING_DMA {
+                log::warn!("{MAX_PENDING_DMA} DMA requests unanswered by the client: failing another");
+                let _ = req.reply.send(Err(io::Error::other("too many unanswered DMA requests")));
+                continue;
+            }
             let mut id = s.next_id;
             while s.pending.contains_key(&id) {
                 id = id.wrapping_add(1);
