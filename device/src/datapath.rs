@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use crate::mem::MemError;
 use crate::offload::{self, TxOffload};
 use crate::regs::{MAX_QUEUES, QRX_TAIL1, QTX_TAIL1};
 use crate::vf::{Shared, VfState};
+use crate::virtchnl::{RxQueue, TxQueue};
 
 pub const TX_DESC: u64 = 16;
 const DTYPE_MASK: u64 = 0xf;
@@ -35,6 +36,40 @@ const MAX_FRAME: usize = 16 * 1024;
 /// A TSO frame: up to 64 KiB of payload plus headers, in up to this many buffers.
 const MAX_TSO_FRAGS: usize = 256;
 const MAX_TSO_FRAME: usize = offload::MAX_TSO_PAYLOAD + 512;
+
+/// Frames from the wire an [`RxPort`](crate::net::RxPort) may have queued for the worker; more are dropped.
+pub const RX_IN_FLIGHT: usize = 4096;
+
+/// Shared by every [`RxPort`](crate::net::RxPort) and the worker: bounds the frames queued in the work channel.
+#[derive(Default)]
+pub(crate) struct RxGate {
+    /// Frames sent to the worker and not yet taken by it.
+    pub in_flight: AtomicUsize,
+    /// Frames dropped because [`RX_IN_FLIGHT`] were queued; the worker moves them into rx_discards.
+    pub dropped: AtomicU64,
+}
+
+/// Per queue: a tail kick ([`DpWork::Tx`] / [`DpWork::RxTail`]) is queued and not yet taken. A tail write sends a
+/// kick only when it sets the flag; the worker clears it before it looks at the tail, so none is lost.
+#[derive(Default)]
+pub(crate) struct Kicks {
+    pub tx: [AtomicBool; MAX_QUEUES as usize],
+    pub rx: [AtomicBool; MAX_QUEUES as usize],
+}
+
+impl Kicks {
+    /// Whether the caller must send the kick (no kick for this queue is waiting yet).
+    pub fn arm(flags: &[AtomicBool], q: u16) -> bool {
+        flags.get(q as usize).is_none_or(|f| !f.swap(true, Ordering::AcqRel))
+    }
+
+    /// The worker takes a kick: later tail writes queue a new one.
+    fn take(flags: &[AtomicBool], q: u16) {
+        if let Some(f) = flags.get(q as usize) {
+            f.swap(false, Ordering::AcqRel);
+        }
+    }
+}
 
 pub(crate) enum DpWork {
     /// QTX_TAIL(q) moved.
@@ -124,14 +159,31 @@ pub(crate) fn worker(shared: Arc<Shared>, rx: Receiver<DpWork>) {
         return polling_worker(&shared, &rx, &page);
     }
     while let Ok(w) = rx.recv() {
-        match w {
-            DpWork::Tx(q) => process_tx(&shared, q),
-            DpWork::RxTail(q) => drain_rx(&shared, q),
-            DpWork::Rx(frame) => receive(&shared, frame),
-            DpWork::Poll => {}
-            DpWork::Stop => return,
+        if !handle(&shared, w) {
+            return;
         }
     }
+}
+
+/// One message; false on Stop.
+fn handle(shared: &Shared, w: DpWork) -> bool {
+    match w {
+        DpWork::Tx(q) => {
+            Kicks::take(&shared.kicks.tx, q);
+            process_tx(shared, q);
+        }
+        DpWork::RxTail(q) => {
+            Kicks::take(&shared.kicks.rx, q);
+            drain_rx(shared, q);
+        }
+        DpWork::Rx(frame) => {
+            shared.rx_gate.in_flight.fetch_sub(1, Ordering::AcqRel);
+            receive(shared, frame);
+        }
+        DpWork::Poll => {}
+        DpWork::Stop => return false,
+    }
+    true
 }
 
 /// `--doorbells mmap`: while a TX queue is enabled, looks at the doorbell page every [`POLL_INTERVAL`] (and after
@@ -162,12 +214,10 @@ fn polling_worker(shared: &Shared, rx: &Receiver<DpWork>, page: &DoorbellPage) {
                 Err(_) => return,
             }
         };
-        match w {
-            Some(DpWork::Tx(q)) => process_tx(shared, q),
-            Some(DpWork::RxTail(q)) => drain_rx(shared, q),
-            Some(DpWork::Rx(frame)) => receive(shared, frame),
-            Some(DpWork::Stop) => return,
-            Some(DpWork::Poll) | None => {}
+        if let Some(w) = w {
+            if !handle(shared, w) {
+                return;
+            }
         }
         for q in 0..MAX_QUEUES as u16 {
             if enabled & (1 << q) == 0 {
@@ -204,32 +254,50 @@ impl From<MemError> for Mdd {
     }
 }
 
+/// The address of descriptor `i` of a ring at `ring` (guest-chosen), plus `off` bytes; MDD if it overflows.
+fn desc_addr(ring: u64, i: u32, size: u64, off: u64) -> Result<u64, Mdd> {
+    u64::from(i)
+        .checked_mul(size)
+        .and_then(|o| ring.checked_add(o))
+        .and_then(|at| at.checked_add(off))
+        .ok_or(Mdd::Desc("descriptor address overflows"))
+}
+
 /// Completes every frame between the queue's head and its tail.
 fn process_tx(shared: &Shared, q: u16) {
     let qi = q as usize;
     loop {
-        let (generation, ring, len, head, tail) = {
+        let (generation, cfg, head, tail) = {
             let st = shared.lock();
             let Some(cfg) = st.pf.tx.get(qi).copied().flatten() else { return };
             if st.pf.tx_enabled & (1 << q) == 0 {
                 return;
             }
             let tail = tx_tail(&st, q);
-            (st.generation, cfg.ring, cfg.len, st.tx_head[qi], tail)
+            (st.generation, cfg, st.tx_head[qi], tail)
         };
         if head == tail {
             return;
         }
-        if tail >= len {
-            return disable(shared, q, generation, Mdd::Desc("tail past the end of the ring"));
+        if tail >= cfg.len {
+            return disable(shared, q, generation, cfg, Mdd::Desc("tail past the end of the ring"));
         }
-        match tx_frame(shared, ring, len, head, tail) {
+        if head >= cfg.len {
+            return disable(shared, q, generation, cfg, Mdd::Desc("head past the end of the ring"));
+        }
+        match tx_frame(shared, cfg.ring, cfg.len, head, tail) {
             Ok(None) => return, // a frame not yet complete up to the tail: wait for more
             Ok(Some((next, frame, off))) => {
                 // Checksum insertion and TSO happen here, as the NIC does them, so the wire sees finished frames.
                 let segments = offload::apply(&frame, &off);
                 let mut st = shared.lock();
                 if st.generation != generation {
+                    return;
+                }
+                // CONFIG_VSI_QUEUES may have replaced the ring (and zeroed the head) during the walk: the old
+                // ring's index means nothing in the new one.
+                if st.pf.tx.get(qi).copied().flatten() != Some(cfg) {
+                    log::debug!("TX queue {q}: reconfigured during a frame; frame dropped");
                     return;
                 }
                 st.tx_head[qi] = next;
@@ -263,7 +331,7 @@ fn process_tx(shared: &Shared, q: u16) {
                     st.raise(v);
                 }
             }
-            Err(e) => return disable(shared, q, generation, e),
+            Err(e) => return disable(shared, q, generation, cfg, e),
         }
     }
 }
@@ -277,11 +345,12 @@ fn tx_frame(shared: &Shared, ring: u64, len: u32, head: u32, tail: u32) -> TxRes
     let mut ctx: Option<u64> = None;
     let mut data_qw1: Option<u64> = None;
     while i != tail {
-        let at = ring + u64::from(i) * TX_DESC;
+        let at = desc_addr(ring, i, TX_DESC, 0)?;
         let mut d = [0u8; 16];
         shared.mem.read(at, &mut d)?;
         let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
         let qw1 = u64::from_le_bytes(d[8..].try_into().unwrap());
+        let wb = desc_addr(ring, i, TX_DESC, 8)?;
         i = (i + 1) % len;
         match qw1 & DTYPE_MASK {
             DTYPE_CONTEXT => {
@@ -305,7 +374,7 @@ fn tx_frame(shared: &Shared, ring: u64, len: u32, head: u32, tail: u32) -> TxRes
         shared.mem.read(addr, &mut frame[start..])?;
         if qw1 & CMD_EOP != 0 {
             let done = (qw1 & !DTYPE_MASK) | DTYPE_DONE;
-            shared.mem.write(at + 8, &done.to_le_bytes())?;
+            shared.mem.write(wb, &done.to_le_bytes())?;
             let off = offload::decode(data_qw1.unwrap_or(qw1), ctx);
             return Ok(Some((i, frame, off)));
         }
@@ -326,9 +395,10 @@ fn count_tx(stats: &mut [u64; 12], frame: &[u8]) {
     stats[idx] += 1;
 }
 
-fn disable(shared: &Shared, q: u16, generation: u64, why: Mdd) {
+/// Shuts TX queue `q` down, unless a reset or CONFIG_VSI_QUEUES replaced what the failed walk was using.
+fn disable(shared: &Shared, q: u16, generation: u64, cfg: TxQueue, why: Mdd) {
     let mut st = shared.lock();
-    if st.generation != generation {
+    if st.generation != generation || st.pf.tx.get(q as usize).copied().flatten() != Some(cfg) {
         return;
     }
     st.pf.tx_enabled &= !(1 << q);
@@ -336,9 +406,19 @@ fn disable(shared: &Shared, q: u16, generation: u64, why: Mdd) {
     log::error!("TX queue {q} disabled (malicious driver detection): {why}");
 }
 
+/// Frames an [`RxPort`](crate::net::RxPort) dropped because too many were queued count as rx_discards.
+fn count_port_drops(shared: &Shared, stats: &mut [u64; 12]) {
+    let dropped = shared.rx_gate.dropped.swap(0, Ordering::AcqRel);
+    if dropped > 0 {
+        stats[4] += dropped;
+        log::warn!("{dropped} received frames dropped: {RX_IN_FLIGHT} already waiting for the datapath worker");
+    }
+}
+
 /// Where a received frame goes: filtered by destination MAC, then steered to an enabled queue.
 fn receive(shared: &Shared, frame: Vec<u8>) {
     let mut st = shared.lock();
+    count_port_drops(shared, &mut st.pf.stats);
     if frame.len() < 14 || !st.pf.queues_enabled() {
         st.pf.stats[4] += 1; // rx_discards
         return;
@@ -372,20 +452,34 @@ fn drain_rx(shared: &Shared, q: u16) {
     loop {
         let (generation, cfg, head, frame) = {
             let mut st = shared.lock();
+            count_port_drops(shared, &mut st.pf.stats);
             let Some(cfg) = st.pf.rx.get(qi).copied().flatten() else { return };
             if st.pf.rx_enabled & (1 << q) == 0 {
                 return;
             }
             let tail = st.regs.get(QRX_TAIL1 + 4 * u64::from(q));
             let head = st.rx_head[qi];
-            if tail >= cfg.len {
+            if tail >= cfg.len || head >= cfg.len {
                 drop(st);
-                return disable_rx(shared, q, Mdd::Desc("RX tail past the end of the ring"));
+                return disable_rx(shared, q, cfg, Mdd::Desc("RX tail or head past the end of the ring"));
             }
             let free = (tail + cfg.len - head) % cfg.len;
             let Some(frame) = st.rx_backlog[qi].front() else { break };
-            let need = frame.len().div_ceil(cfg.buf_size as usize) as u32;
-            if free < need {
+            let need = frame.len().div_ceil(cfg.buf_size as usize);
+            if frame.len() > cfg.max_frame as usize || need > cfg.len as usize - 1 {
+                // It could never be delivered: waiting for it would block every frame behind it.
+                let len = frame.len();
+                st.rx_backlog[qi].pop_front();
+                st.pf.stats[4] += 1; // rx_discards
+                log::debug!(
+                    "RX queue {q}: frame of {len} bytes dropped (max frame {}, ring of {} x {} bytes)",
+                    cfg.max_frame,
+                    cfg.len,
+                    cfg.buf_size
+                );
+                continue;
+            }
+            if (free as usize) < need {
                 break; // wait for the driver to post buffers
             }
             let frame = st.rx_backlog[qi].pop_front().unwrap();
@@ -398,12 +492,18 @@ fn drain_rx(shared: &Shared, q: u16) {
                 if st.generation != generation {
                     return;
                 }
+                // CONFIG_VSI_QUEUES may have replaced the ring (and zeroed the head) while the frame was written.
+                if st.pf.rx.get(qi).copied().flatten() != Some(cfg) {
+                    log::debug!("RX queue {q}: reconfigured during a frame; frame dropped");
+                    st.pf.stats[4] += 1;
+                    return;
+                }
                 st.rx_head[qi] = next;
                 st.queue_frames[qi].0 += 1;
                 count_rx(&mut st.pf.stats, &frame);
                 delivered += 1;
             }
-            Err(e) => return disable_rx(shared, q, e),
+            Err(e) => return disable_rx(shared, q, cfg, e),
         }
     }
     if delivered > 0 {
@@ -418,17 +518,12 @@ fn drain_rx(shared: &Shared, q: u16) {
 
 /// Writes one frame into descriptors starting at `head`, buffer by buffer; each descriptor's writeback comes after
 /// its data, and its status qword last (the driver checks DD, then reads the rest). Returns the next head.
-fn rx_frame(
-    shared: &Shared,
-    cfg: &crate::virtchnl::RxQueue,
-    head: u32,
-    frame: &[u8],
-    hash: Option<u32>,
-) -> Result<u32, Mdd> {
+fn rx_frame(shared: &Shared, cfg: &RxQueue, head: u32, frame: &[u8], hash: Option<u32>) -> Result<u32, Mdd> {
     let mut i = head;
     let chunks: Vec<&[u8]> = frame.chunks(cfg.buf_size as usize).collect();
     for (n, chunk) in chunks.iter().enumerate() {
-        let at = cfg.ring + u64::from(i) * RX_DESC;
+        let at = desc_addr(cfg.ring, i, RX_DESC, 0)?;
+        let (at8, at16) = (desc_addr(cfg.ring, i, RX_DESC, 8)?, desc_addr(cfg.ring, i, RX_DESC, 16)?);
         let mut d = [0u8; 8];
         shared.mem.read(at, &mut d)?;
         let buf = u64::from_le_bytes(d);
@@ -444,8 +539,8 @@ fn rx_frame(
             qw1 |= RX_FLTSTAT_RSS;
         }
         shared.mem.write(at, &qw0.to_le_bytes())?;
-        shared.mem.write(at + 16, &[0u8; 16])?;
-        shared.mem.write(at + 8, &qw1.to_le_bytes())?;
+        shared.mem.write(at16, &[0u8; 16])?;
+        shared.mem.write(at8, &qw1.to_le_bytes())?;
         i = (i + 1) % cfg.len;
     }
     Ok(i)
@@ -464,8 +559,12 @@ fn count_rx(stats: &mut [u64; 12], frame: &[u8]) {
     stats[idx] += 1;
 }
 
-fn disable_rx(shared: &Shared, q: u16, why: Mdd) {
+/// Shuts RX queue `q` down, unless CONFIG_VSI_QUEUES replaced what the failed walk was using.
+fn disable_rx(shared: &Shared, q: u16, cfg: RxQueue, why: Mdd) {
     let mut st = shared.lock();
+    if st.pf.rx.get(q as usize).copied().flatten() != Some(cfg) {
+        return;
+    }
     st.pf.rx_enabled &= !(1 << q);
     st.rx_backlog[q as usize].clear();
     st.pf.stats[4] += 1;

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Sender};
 
 use crate::aq::{ArqMsg, ARQ_BACKLOG};
-use crate::datapath::{self, DoorbellPage, DpWork, DOORBELL_PAGE};
+use crate::datapath::{self, DoorbellPage, DpWork, Kicks, RxGate, DOORBELL_PAGE};
 use crate::irq::{self, Interrupts};
 use crate::mem::GuestMem;
 use crate::net::{FrameSink, NoSink, RxPort};
@@ -195,6 +195,10 @@ pub(crate) struct Shared {
     pub state: Mutex<VfState>,
     pub mem: GuestMem,
     pub cfg: VfConfig,
+    /// Tail kicks waiting for the datapath worker, one at most per queue and direction.
+    pub kicks: Kicks,
+    /// Bounds the received frames waiting for the datapath worker.
+    pub rx_gate: Arc<RxGate>,
 }
 
 impl Shared {
@@ -246,7 +250,8 @@ impl I40eVf {
                 datapath::POLL_INTERVAL
             );
         }
-        let shared = Arc::new(Shared { state: Mutex::new(state), mem, cfg });
+        let shared =
+            Arc::new(Shared { state: Mutex::new(state), mem, cfg, kicks: Kicks::default(), rx_gate: Arc::default() });
         let (tx, rx) = unbounded();
         let s = shared.clone();
         let aq = std::thread::Builder::new()
@@ -278,7 +283,26 @@ impl I40eVf {
 
     /// Where frames from the wire enter the device.
     pub fn rx_port(&self) -> RxPort {
-        RxPort(self.dp.clone().expect("datapath worker runs while the device exists"))
+        RxPort {
+            work: self.dp.clone().expect("datapath worker runs while the device exists"),
+            gate: self.shared.rx_gate.clone(),
+        }
+    }
+
+    /// Messages waiting for the datapath worker (tail kicks, received frames): a diagnostic for tests and logs.
+    pub fn datapath_backlog(&self) -> usize {
+        self.dp.as_ref().map_or(0, |d| d.len())
+    }
+
+    /// Kicks the datapath worker for a TX (`rx` false) or RX tail write, unless a kick for that queue waits already.
+    fn kick_tail(&self, q: u16, rx: bool) {
+        let (flags, w) =
+            if rx { (&self.shared.kicks.rx, DpWork::RxTail(q)) } else { (&self.shared.kicks.tx, DpWork::Tx(q)) };
+        if Kicks::arm(flags, q) {
+            if let Some(dp) = &self.dp {
+                let _ = dp.send(w);
+            }
+        }
     }
 
     /// A handle that starts [`I40eVf::pf_reset`] from another thread (a signal handler thread, say).
@@ -351,9 +375,7 @@ impl I40eVf {
             // The page is shared memory: what the client stores there directly and what arrives trapped are one.
             page.write(off, &val.to_le_bytes());
             if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) {
-                if let Some(dp) = &self.dp {
-                    let _ = dp.send(DpWork::Tx(((off - QTX_TAIL1) / 4) as u16));
-                }
+                self.kick_tail(((off - QTX_TAIL1) / 4) as u16, false);
             }
             return;
         }
@@ -393,16 +415,12 @@ impl I40eVf {
                 // Latched even before the queue is configured: iavf writes it first.
                 st.regs.set(off, val);
                 drop(st);
-                if let Some(dp) = &self.dp {
-                    let _ = dp.send(DpWork::RxTail(((off - QRX_TAIL1) / 4) as u16));
-                }
+                self.kick_tail(((off - QRX_TAIL1) / 4) as u16, true);
             }
             _ if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
                 st.regs.set(off, val);
                 drop(st);
-                if let Some(dp) = &self.dp {
-                    let _ = dp.send(DpWork::Tx(((off - QTX_TAIL1) / 4) as u16));
-                }
+                self.kick_tail(((off - QTX_TAIL1) / 4) as u16, false);
             }
             VFINT_DYN_CTL01 => {
                 st.regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));

@@ -63,6 +63,8 @@ pub const MAX_RING: u32 = 4096;
 pub const RING_MULTIPLE: u32 = 32;
 pub const RING_ALIGN: u64 = 128;
 const MAX_FRAME: u32 = 9728;
+/// MAC filters per VF: iavf adds its unicast address and a few multicast ones.
+pub const MAX_MACS: usize = 64;
 
 /// A TX queue as CONFIG_VSI_QUEUES set it up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,6 +383,17 @@ impl Pf {
         if let Some(bad) = addrs.iter().find(|a| **a == [0; 6]) {
             param!("ETH_ADDR {bad:02x?} is not a valid address");
         }
+        if add {
+            let mut after = self.macs.clone();
+            for a in &addrs {
+                if !after.contains(a) {
+                    after.push(*a);
+                }
+            }
+            if after.len() > MAX_MACS {
+                param!("ADD_ETH_ADDR: {} filters would exceed the limit of {MAX_MACS}", after.len());
+            }
+        }
         for a in addrs {
             if add {
                 if !self.macs.contains(&a) {
@@ -503,8 +516,12 @@ fn array_len_ok(len: usize, fixed: usize, elem: usize, n: usize) -> bool {
     len == fixed + n * elem || len == fixed + (n + 1) * elem
 }
 
+/// The largest descriptor (RX 32-byte format): the bound for both rings' extent.
+const MAX_DESC_SIZE: u64 = 32;
+
 fn ring_ok(len: u32, addr: u64) -> bool {
     (MIN_RING..=MAX_RING).contains(&len)
+        && addr.checked_add(u64::from(len) * MAX_DESC_SIZE).is_some()
         && len.is_multiple_of(RING_MULTIPLE)
         && addr.is_multiple_of(RING_ALIGN)
         && addr != 0

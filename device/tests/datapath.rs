@@ -173,6 +173,8 @@ const OUR_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x15, 0x4c, 0x01];
 #[test]
 fn received_frames_land_in_posted_buffers() {
     let (mut d, ev) = up(1);
+    // Jumbo frames allowed, so the 3000-byte frame below fits (frames over max_frame are dropped).
+    assert_eq!(d.request(OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(1, dm::RINGS, 512, 2048, 9728)).status, 0);
     post_rx(&mut d, 0, 0, 8);
     let f = frame(OUR_MAC, 100);
     assert!(d.bus.vf.rx_port().receive(f.clone()));
@@ -381,4 +383,190 @@ fn rings_outside_guest_memory_disable_only_their_queue() {
         std::thread::sleep(Duration::from_millis(1));
     };
     assert!(done, "queue 0 keeps working");
+}
+
+/// Guest memory whose device-side access to one address blocks until the test lets it go: the datapath worker
+/// stopped mid-frame at a chosen point.
+struct Trap {
+    ram: std::sync::Arc<dm::Ram>,
+    at: std::sync::Mutex<Option<Armed>>,
+}
+
+/// The trapped address, where to say it was hit, and where the release comes from.
+type Armed = (u64, std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+impl Trap {
+    fn spring(&self, addr: u64) {
+        let hit = {
+            let mut t = self.at.lock().unwrap();
+            if t.as_ref().is_some_and(|(a, _, _)| *a == addr) {
+                t.take()
+            } else {
+                None
+            }
+        };
+        if let Some((_, entered, release)) = hit {
+            entered.send(()).unwrap();
+            let _ = release.recv();
+        }
+    }
+
+    /// Arms the trap on `addr`: returns (entered, release).
+    fn arm(&self, addr: u64) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (etx, erx) = std::sync::mpsc::channel();
+        let (rtx, rrx) = std::sync::mpsc::channel();
+        *self.at.lock().unwrap() = Some((addr, etx, rrx));
+        (erx, rtx)
+    }
+}
+
+impl device::mem::DmaTransport for Trap {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.spring(addr);
+        self.ram.read(addr, buf)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> std::io::Result<()> {
+        self.spring(addr);
+        self.ram.write(addr, data)
+    }
+}
+
+/// Like `up(1)`, with the device's guest memory going through a [`Trap`].
+fn up_trapped() -> (DriverModel<VfBus>, std::sync::Arc<Trap>) {
+    use std::sync::{Arc, Mutex};
+    let _ = env_logger::builder().is_test(true).try_init();
+    let mem = device::mem::GuestMem::new();
+    let ram = Arc::new(dm::Ram(Mutex::new(vec![0; dm::TESTBED_RAM as usize])));
+    let trap = Arc::new(Trap { ram: ram.clone(), at: Mutex::new(None) });
+    mem.map(0, dm::TESTBED_RAM, true, true, None).unwrap();
+    mem.set_transport(Some(trap.clone()));
+    let vf = device::I40eVf::new(VfConfig::default(), mem);
+    let mut d = DriverModel::new(VfBus { vf, ram }, dm::AQ_BASE);
+    assert!(d.wait_active(Duration::from_secs(2)));
+    d.bring_up(1, dm::RINGS);
+    (d, trap)
+}
+
+/// CONFIG_VSI_QUEUES shrinking the rings while the worker is mid-frame: the old ring's next index must not become
+/// the new ring's head (it used to: TX then walked past the new ring, RX underflowed and killed the worker).
+#[test]
+fn reconfiguring_rings_mid_frame_starts_the_new_rings_at_zero() {
+    const SEC: Duration = Duration::from_secs(2);
+    // TX: 100 frames move the head to 100; the 101st blocks while its data is read.
+    let (mut d, trap) = up_trapped();
+    d.bus.mem_write(BUFS, &frame([0x02, 9, 9, 9, 9, 9], 60));
+    for i in 0..100 {
+        put_desc(&mut d, 0, i, BUFS, 60, true);
+    }
+    d.bus.write32(QTX_TAIL1, 100);
+    assert!(wait_done(&mut d, 0, 99));
+    let (entered, release) = trap.arm(BUFS + 0x1000);
+    put_desc(&mut d, 0, 100, BUFS + 0x1000, 60, true);
+    d.bus.write32(QTX_TAIL1, 101);
+    entered.recv_timeout(SEC).expect("worker reads the frame");
+    assert_eq!(d.request(OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(1, dm::RINGS, 64, 2048, 1522)).status, 0);
+    d.bus.write32(QTX_TAIL1, 0);
+    drop(release);
+    std::thread::sleep(Duration::from_millis(50));
+    put_desc(&mut d, 0, 0, BUFS, 60, true);
+    d.bus.write32(QTX_TAIL1, 1);
+    assert!(wait_done(&mut d, 0, 0), "the new TX ring starts at descriptor 0");
+    assert_eq!(stats(&mut d)[11], 0, "no queue disabled");
+
+    // RX: 100 frames move the head to 100; the 101st blocks while its buffer is written.
+    let (mut d, trap) = up_trapped();
+    post_rx(&mut d, 0, 0, 101);
+    for _ in 0..100 {
+        assert!(d.bus.vf.rx_port().receive(frame(OUR_MAC, 64)));
+    }
+    assert!(rx_wb(&mut d, 0, 99).is_some());
+    let (entered, release) = trap.arm(BUFS + 0x8_0000 + 0x1000 * 100);
+    d.bus.vf.rx_port().receive(frame(OUR_MAC, 64));
+    entered.recv_timeout(SEC).expect("worker writes the frame");
+    assert_eq!(d.request(OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(1, dm::RINGS, 64, 2048, 1522)).status, 0);
+    d.bus.write32(QRX_TAIL1, 0);
+    drop(release);
+    std::thread::sleep(Duration::from_millis(50));
+    d.bus.mem_write(rx_ring(0), &[0u8; 64 * 32]); // the driver clears its new ring
+    post_rx(&mut d, 0, 0, 8);
+    let f = frame(OUR_MAC, 90);
+    assert!(d.bus.vf.rx_port().receive(f.clone()));
+    let (_, data) = rx_wb(&mut d, 0, 0).expect("the new RX ring starts at descriptor 0; the worker lives");
+    assert_eq!(data, f);
+}
+
+/// A sink that holds the datapath worker inside the first transmit until released.
+struct Stall {
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl device::net::FrameSink for Stall {
+    fn transmit(&self, _frame: &[u8]) {
+        let _ = self.entered.lock().unwrap().send(());
+        let _ = self.release.lock().unwrap().recv();
+    }
+}
+
+/// While the worker is stuck (a slow DMA round trip), a receive flood and tail-register storms queue a bounded
+/// amount of work; the excess frames count as rx_discards, and no kick is lost.
+#[test]
+fn floods_and_tail_storms_stay_bounded_while_the_worker_is_stuck() {
+    let (mut d, _ev) = up(1);
+    let (etx, erx) = std::sync::mpsc::channel();
+    let (rtx, rrx) = std::sync::mpsc::channel::<()>();
+    d.bus.vf.set_sink(std::sync::Arc::new(Stall { entered: etx.into(), release: rrx.into() }));
+    d.bus.mem_write(BUFS, &frame([0x02, 9, 9, 9, 9, 9], 60));
+    put_desc(&mut d, 0, 0, BUFS, 60, true);
+    d.bus.write32(QTX_TAIL1, 1);
+    erx.recv_timeout(Duration::from_secs(2)).expect("worker in transmit");
+    let port = d.bus.vf.rx_port();
+    for _ in 0..5000 {
+        // Not our MAC: delivered frames are filtered silently, so rx_discards counts only the overflow.
+        assert!(port.receive(frame([0x02, 7, 7, 7, 7, 7], 64)), "a full queue drops; false means the device is gone");
+    }
+    put_desc(&mut d, 0, 1, BUFS, 60, true);
+    for _ in 0..1000 {
+        d.bus.write32(QTX_TAIL1, 2);
+        d.bus.write32(QRX_TAIL1, 4);
+    }
+    let queued = d.bus.vf.datapath_backlog();
+    assert!(queued <= 4096 + 2, "{queued} messages queued: frames capped, one kick per queue and direction");
+    drop(rtx);
+    assert!(wait_done(&mut d, 0, 1), "the coalesced TX kick was served");
+    let t = Instant::now();
+    while stats(&mut d)[4] < 904 && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stats(&mut d)[4], 904, "5000 - 4096 frames dropped at the port");
+    // Kicks still work after the storm.
+    put_desc(&mut d, 0, 2, BUFS, 60, true);
+    d.bus.write32(QTX_TAIL1, 3);
+    assert!(wait_done(&mut d, 0, 2));
+    post_rx(&mut d, 0, 0, 8);
+    let f = frame(OUR_MAC, 70);
+    assert!(port.receive(f.clone()));
+    assert_eq!(rx_wb(&mut d, 0, 0).expect("received after the flood").1, f);
+}
+
+/// A frame over max_frame, or needing more buffers than the ring can ever hold, is dropped and counted instead of
+/// blocking every frame behind it.
+#[test]
+fn undeliverable_rx_frames_are_dropped_not_stuck() {
+    let (mut d, _ev) = up(1); // max_frame 1522
+    post_rx(&mut d, 0, 0, 8);
+    d.bus.vf.rx_port().receive(frame(OUR_MAC, 3000));
+    let f = frame(OUR_MAC, 100);
+    d.bus.vf.rx_port().receive(f.clone());
+    assert_eq!(rx_wb(&mut d, 0, 0).expect("the frame behind the jumbo one").1, f);
+    assert_eq!(stats(&mut d)[4], 1, "rx_discards");
+
+    // 64 descriptors of 128 bytes: a 9000-byte frame (allowed by max_frame) needs 71 > 63 buffers.
+    let (mut d, _ev) = up(1);
+    assert_eq!(d.request(OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(1, dm::RINGS, 64, 128, 9728)).status, 0);
+    post_rx(&mut d, 0, 0, 63);
+    d.bus.vf.rx_port().receive(frame(OUR_MAC, 9000));
+    d.bus.vf.rx_port().receive(f.clone());
+    assert_eq!(rx_wb(&mut d, 0, 0).expect("the frame behind the unfittable one").1, f);
+    assert_eq!(stats(&mut d)[4], 1, "rx_discards");
 }

@@ -272,3 +272,30 @@ fn admin_queue_base_wrapping_the_address_space_stalls_the_queue() {
     d.init_aq();
     assert_eq!(d.request(OP_VERSION, &dm::msg_version(1, 1)).status, 0);
 }
+
+#[test]
+fn mac_filter_list_is_capped_at_64() {
+    let mut pf = Pf::new([2, 0, 0, 0, 0, 1], 4, 5, LinkSpeed(10000));
+    let mac = |i: usize| [0x33, 0x33, 0, 0, (i >> 8) as u8, i as u8];
+    let status =
+        |pf: &mut Pf, addrs: &[[u8; 6]]| pf.handle(OP_ADD_ETH_ADDR, &dm::msg_eth_addrs(addrs)).reply.unwrap().0;
+    let first: Vec<[u8; 6]> = (0..63).map(mac).collect();
+    assert_eq!(status(&mut pf, &first), STATUS_SUCCESS);
+    assert_eq!(status(&mut pf, &[mac(0), mac(63)]), STATUS_SUCCESS, "64 filters, a known one again is fine");
+    assert_eq!(pf.macs.len(), MAX_MACS);
+    assert_eq!(status(&mut pf, &[mac(64)]), STATUS_ERR_PARAM, "a 65th filter");
+    let del = pf.handle(OP_DEL_ETH_ADDR, &dm::msg_eth_addrs(&[mac(0)])).reply.unwrap().0;
+    assert_eq!(del, STATUS_SUCCESS);
+    assert_eq!(status(&mut pf, &[mac(64), mac(65)]), STATUS_ERR_PARAM, "65 after the add: all or nothing");
+    assert_eq!(pf.macs.len(), 63, "the rejected add changed nothing");
+    assert!(!pf.macs.contains(&mac(64)));
+    assert_eq!(status(&mut pf, &[mac(64)]), STATUS_SUCCESS);
+}
+
+#[test]
+fn rings_that_wrap_the_address_space_are_rejected() {
+    let mut d = probed();
+    let top: u64 = !0x1fff; // 128-aligned, but 512 descriptors from here wrap past 2^64
+    rejects(&mut d, OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(1, top, 512, 2048, 1522), "wrapping rings");
+    assert_eq!(status(&mut d, OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(1, RINGS, 512, 2048, 1522)), 0);
+}

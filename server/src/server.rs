@@ -214,12 +214,8 @@ impl<D: VfioDevice> Server<D> {
     fn service_client(&mut self) {
         loop {
             let Some(s) = &mut self.session else { return };
-            if s.conn.queued_bytes() > MAX_QUEUED_OUTPUT {
-                if !s.paused {
-                    log::warn!("client {} is not reading its replies: pausing its requests", s.id);
-                }
-                s.paused = true;
-                break;
+            if s.paused {
+                break; // resumed by `flush` once the client has read enough
             }
             match s.conn.fill() {
                 Ok(ReadStatus::Data { more }) => {
@@ -252,8 +248,11 @@ impl<D: VfioDevice> Server<D> {
             }
         }
         if s.paused && s.conn.queued_bytes() <= MAX_QUEUED_OUTPUT / 2 {
-            // Requests may be waiting in the socket with no new edge to report them: read now.
+            // Requests may be waiting in our buffer and in the socket with no new edge to report them.
             s.paused = false;
+            if let Err(why) = self.process_input() {
+                return self.end_session(&why);
+            }
             self.service_client();
         }
     }
@@ -262,6 +261,14 @@ impl<D: VfioDevice> Server<D> {
     fn process_input(&mut self) -> Result<(), String> {
         loop {
             let Some(s) = &mut self.session else { return Ok(()) };
+            // Checked per message: one read can carry hundreds of requests, each asking for a large reply.
+            if s.conn.queued_bytes() > MAX_QUEUED_OUTPUT {
+                if !s.paused {
+                    log::warn!("client {} is not reading its replies: pausing its requests", s.id);
+                }
+                s.paused = true;
+                return Ok(());
+            }
             let Some(ev) = s.conn.next_event() else { return Ok(()) };
             match ev {
                 Event::Corrupt(h) => return Err(format!("message header size {} < 16: stream corrupt", h.size)),
