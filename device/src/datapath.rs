@@ -325,11 +325,7 @@ fn process_tx(shared: &Shared, q: u16) {
                 if st.generation != generation {
                     return;
                 }
-                let vectors: Vec<usize> =
-                    st.pf.irq_map.iter().enumerate().filter(|(_, m)| m.1 & (1 << q) != 0).map(|(v, _)| v).collect();
-                for v in vectors {
-                    st.raise(v);
-                }
+                st.raise_queue(q, false);
             }
             Err(e) => return disable(shared, q, generation, cfg, e),
         }
@@ -508,11 +504,7 @@ fn drain_rx(shared: &Shared, q: u16) {
     }
     if delivered > 0 {
         let mut st = shared.lock();
-        let vectors: Vec<usize> =
-            st.pf.irq_map.iter().enumerate().filter(|(_, m)| m.0 & (1 << q) != 0).map(|(v, _)| v).collect();
-        for v in vectors {
-            st.raise(v);
-        }
+        st.raise_queue(q, true);
     }
 }
 

@@ -163,6 +163,16 @@ impl VfState {
         }
     }
 
+    /// Raises every vector CONFIG_IRQ_MAP binds to RX (`rx`) or TX queue `q`.
+    pub fn raise_queue(&mut self, q: u16, rx: bool) {
+        for v in 0..self.pf.irq_map.len() {
+            let (rxq, txq) = self.pf.irq_map[v];
+            if (if rx { rxq } else { txq }) & (1 << q) != 0 {
+                self.raise(v);
+            }
+        }
+    }
+
     /// Raises an ICR0 cause on vector 0 if the cause is enabled.
     pub fn raise_misc(&mut self, cause: u32) {
         let icr = self.regs.get(VFINT_ICR01) | cause;
