@@ -74,6 +74,8 @@ pub struct Conn {
     /// Payload bytes of an oversized message still to drop.
     discard: u64,
     out: VecDeque<Outgoing>,
+    /// Bytes in `out` not yet written, kept as a count: it is checked before every message.
+    queued: usize,
     max_msg: usize,
 }
 
@@ -88,6 +90,7 @@ impl Conn {
             fds: VecDeque::new(),
             discard: 0,
             out: VecDeque::new(),
+            queued: 0,
             max_msg,
         }
     }
@@ -202,6 +205,7 @@ impl Conn {
     }
 
     pub fn queue(&mut self, bytes: Vec<u8>, fds: Vec<OwnedFd>) {
+        self.queued += bytes.len();
         self.out.push_back(Outgoing { bytes, fds, sent: 0 });
     }
 
@@ -211,7 +215,7 @@ impl Conn {
 
     /// Bytes queued for the client and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.out.iter().map(|o| o.bytes.len() - o.sent).sum()
+        self.queued
     }
 
     /// Writes as much queued output as the socket takes. Fds go with the first byte of their message.
@@ -234,6 +238,7 @@ impl Conn {
             match res {
                 Ok(n) => {
                     o.sent += n;
+                    self.queued -= n;
                     o.fds.clear();
                     if o.sent == o.bytes.len() {
                         self.out.pop_front();
