@@ -195,8 +195,7 @@ impl<D: VfioDevice> Ctx<'_, D> {
     }
 
     fn device_info(&mut self, p: &[u8]) -> HResult {
-        let argsz = fixed_argsz(p, 16, "DEVICE_GET_INFO")?;
-        let _ = argsz;
+        fixed_argsz(p, 16, "DEVICE_GET_INFO")?;
         Ok(Writer::default()
             .u32(16)
             .u32(VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET)
