@@ -665,16 +665,21 @@ fn rule_bad_header_flags_einval() {
 }
 
 #[test]
-fn rule_reply_without_matching_request_is_ignored() {
+fn rule_reply_without_matching_request_einval() {
     let (mut s, mut c) = setup();
+    for (cmd, flags, payload) in [
+        (cmd::DMA_READ, TYPE_REPLY, Payload::new().u64(0).u64(4).u32(0).build()),
+        (cmd::DMA_WRITE, TYPE_REPLY | FLAG_ERROR, vec![]),
+        (cmd::REGION_READ, TYPE_REPLY, vec![]),
+    ] {
+        let id = c.send_with_header(cmd, flags, 0, None, &payload, &[]).unwrap();
+        c.recv_reply(id).expect("an answer to a stray reply").assert_errno(EINVAL, &format!("stray reply {cmd}"));
+    }
+    // With no_reply it is dropped silently, like any posted message.
     let id = c.fresh_id();
-    c.send_bytes(&message(id, cmd::DMA_READ, TYPE_REPLY, &Payload::new().u64(0).u64(4).u32(0).build()), &[]).unwrap();
-    let id = c.fresh_id();
-    c.send_bytes(&message(id, cmd::DMA_WRITE, TYPE_REPLY | FLAG_ERROR, &[]), &[]).unwrap();
-    let id = c.fresh_id();
-    c.send_bytes(&message(id, cmd::REGION_READ, TYPE_REPLY, &[]), &[]).unwrap();
+    c.send_bytes(&message(id, cmd::DMA_READ, TYPE_REPLY | FLAG_NO_REPLY, &[]), &[]).unwrap();
     let got = c.replies_within(SILENCE).unwrap();
-    assert!(got.is_empty(), "server answered a reply: {:?}", got.iter().map(|m| m.hdr).collect::<Vec<_>>());
+    assert!(got.is_empty(), "server answered a no_reply message: {:?}", got.iter().map(|m| m.hdr).collect::<Vec<_>>());
     still_works(&mut c, "after unmatched replies");
     s.assert_alive();
 }

@@ -80,7 +80,7 @@ pub const FLAG_BUF: u16 = 0x1000;
 pub const FLAG_LB: u16 = 0x0200;
 /// Largest virtchnl message the VF may send (its AQ buffers are 4 KiB).
 pub const MAX_MSG: usize = 4096;
-/// PF -> VF messages held while the ARQ is full before the oldest are dropped.
+/// PF -> VF messages held while the ARQ is full before the oldest are dropped (default of `--max-arq-queued`).
 pub const ARQ_BACKLOG: usize = 64;
 
 /// A PF -> VF virtchnl message waiting for an ARQ slot.

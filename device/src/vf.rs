@@ -34,6 +34,8 @@ pub struct VfConfig {
     /// `--doorbells mmap`: BAR0's first page (the QTX_TAIL registers) is offered as an mmap area backed by a
     /// memfd the datapath worker polls, instead of trapped register writes (`docs/doorbells.md`).
     pub mmap_doorbells: bool,
+    /// PF -> VF messages held while the driver posts no ARQ buffers; past this the oldest is dropped.
+    pub max_arq_queued: usize,
 }
 
 impl Default for VfConfig {
@@ -44,6 +46,7 @@ impl Default for VfConfig {
             queue_pairs: 4,
             link_speed: LinkSpeed(10000),
             mmap_doorbells: false,
+            max_arq_queued: ARQ_BACKLOG,
         }
     }
 }
@@ -68,8 +71,9 @@ pub struct VfState {
     pub generation: u64,
     /// The PF's view of the VF (virtchnl state).
     pub pf: Pf,
-    /// PF -> VF messages waiting for ARQ slots.
+    /// PF -> VF messages waiting for ARQ slots, at most `arq_max`.
     pub arq_backlog: VecDeque<ArqMsg>,
+    pub arq_max: usize,
     /// Per TX queue: the next descriptor the device will read.
     pub tx_head: Vec<u32>,
     /// Per RX queue: the next descriptor the device will fill, and frames waiting for buffers.
@@ -95,6 +99,7 @@ impl VfState {
             generation: 0,
             pf: Pf::new(cfg.mac, cfg.queue_pairs, n, cfg.link_speed),
             arq_backlog: VecDeque::new(),
+            arq_max: cfg.max_arq_queued.max(1),
             tx_head: vec![0; cfg.queue_pairs as usize],
             rx_head: vec![0; cfg.queue_pairs as usize],
             rx_backlog: vec![VecDeque::new(); cfg.queue_pairs as usize],
@@ -145,7 +150,7 @@ impl VfState {
 
     /// Queues a PF -> VF message for the ARQ. A driver that stopped returning ARQ buffers loses the oldest.
     pub fn post(&mut self, op: u32, status: i32, payload: Vec<u8>) {
-        if self.arq_backlog.len() >= ARQ_BACKLOG {
+        if self.arq_backlog.len() >= self.arq_max {
             let lost = self.arq_backlog.pop_front();
             log::warn!("ARQ backlog full: dropped PF message op {:?}", lost.map(|m| m.op));
         }

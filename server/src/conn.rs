@@ -19,7 +19,7 @@ use crate::wire::{Header, HEADER_SIZE};
 
 /// Fds accepted in one read; more than the negotiated 16 marks the message as carrying too many.
 const RECV_FDS: usize = 32;
-const READ_CHUNK: usize = 64 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// A complete message as received.
 pub struct Incoming {
@@ -33,7 +33,8 @@ pub struct Incoming {
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadStatus {
     /// Bytes arrived; `more` when the read filled its buffer, so the socket may hold more. A short read means it
-    /// was drained, and edge-triggered epoll reports anything that arrives later, so no EAGAIN read is needed.
+    /// was drained at that moment; the caller still reads on when the poll event said the peer hung up, because a
+    /// hang-up that arrived with the data raises no later edge.
     Data {
         more: bool,
     },
@@ -41,14 +42,21 @@ pub enum ReadStatus {
     Closed,
 }
 
-/// What the reader produced.
+/// What the framer produced.
 pub enum Event {
     Message(Incoming),
     /// A message over the size limit whose payload is being drained; reply with E2BIG.
     Oversized(Header),
+    /// A size no client may ever send (over [`DRAIN_LIMIT`]): reply with E2BIG and close, rather than tie the
+    /// connection up draining gigabytes that will never come.
+    Impossible(Header),
     /// The stream is unusable (header size < 16): the connection must be closed.
     Corrupt(Header),
 }
+
+/// The largest message any client could believe valid: 64 MiB of data (QEMU's ceiling for max_data_xfer_size, and
+/// ours) plus headers and fixed parts. Oversized messages up to this are drained; larger ones close the connection.
+pub const DRAIN_LIMIT: u64 = HEADER_SIZE as u64 + (64 << 20) + 4096;
 
 struct FdBatch {
     last_byte: u64,
@@ -56,14 +64,9 @@ struct FdBatch {
     truncated: bool,
 }
 
-struct Outgoing {
-    bytes: Vec<u8>,
-    fds: Vec<OwnedFd>,
-    sent: usize,
-}
-
-pub struct Conn {
-    pub stream: UnixStream,
+/// Splits a byte stream (and the fds that came with it) into messages. It knows nothing of sockets, so the fuzzer
+/// drives it directly. Memory stays bounded by one message plus one read chunk.
+pub struct Framer {
     /// Received bytes live in `inbuf[start..end]`; the buffer is zero-filled only when it grows, never per read.
     inbuf: Vec<u8>,
     start: usize,
@@ -73,31 +76,16 @@ pub struct Conn {
     fds: VecDeque<FdBatch>,
     /// Payload bytes of an oversized message still to drop.
     discard: u64,
-    out: VecDeque<Outgoing>,
-    /// Bytes in `out` not yet written, kept as a count: it is checked before every message.
-    queued: usize,
     max_msg: usize,
 }
 
-impl Conn {
-    pub fn new(stream: UnixStream, max_msg: usize) -> Self {
-        Conn {
-            stream,
-            inbuf: vec![0; READ_CHUNK],
-            start: 0,
-            end: 0,
-            in_pos: 0,
-            fds: VecDeque::new(),
-            discard: 0,
-            out: VecDeque::new(),
-            queued: 0,
-            max_msg,
-        }
+impl Framer {
+    pub fn new(max_msg: usize) -> Self {
+        Framer { inbuf: vec![0; READ_CHUNK], start: 0, end: 0, in_pos: 0, fds: VecDeque::new(), discard: 0, max_msg }
     }
 
-    /// One read from the socket. The caller processes the messages it completed before reading again, so the
-    /// input buffer stays bounded by one message plus one chunk.
-    pub fn fill(&mut self) -> io::Result<ReadStatus> {
+    /// Room for the next read: at least [`READ_CHUNK`] bytes.
+    pub fn space(&mut self) -> &mut [u8] {
         if self.inbuf.len() - self.end < READ_CHUNK {
             self.inbuf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -106,49 +94,39 @@ impl Conn {
                 self.inbuf.resize(self.end + READ_CHUNK, 0);
             }
         }
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
-        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
-        let res = recvmsg(
-            self.stream.as_fd(),
-            &mut [IoSliceMut::new(&mut self.inbuf[self.end..self.end + READ_CHUNK])],
-            &mut cmsg,
-            RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
-        );
-        let got = match res {
-            Ok(m) => m,
-            Err(e) => {
-                return match e {
-                    rustix::io::Errno::AGAIN | rustix::io::Errno::INTR => Ok(ReadStatus::WouldBlock),
-                    e => Err(e.into()),
-                };
-            }
-        };
-        self.end += got.bytes;
-        let mut fds = Vec::new();
-        for m in cmsg.drain() {
-            if let RecvAncillaryMessage::ScmRights(it) = m {
-                fds.extend(it);
-            }
-        }
-        if got.bytes == 0 {
-            return Ok(ReadStatus::Closed);
-        }
-        let truncated = got.flags.contains(ReturnFlags::CTRUNC);
-        let with_fds = !fds.is_empty() || truncated;
-        if with_fds {
+        &mut self.inbuf[self.end..self.end + READ_CHUNK]
+    }
+
+    /// `n` bytes were read into [`Framer::space`], with `fds` (attached to the read's last byte; see the module
+    /// comment) and `truncated` when the kernel dropped some.
+    pub fn commit(&mut self, n: usize, fds: Vec<OwnedFd>, truncated: bool) {
+        let n = n.min(self.inbuf.len() - self.end);
+        self.end += n;
+        if n > 0 && (!fds.is_empty() || truncated) {
             let last_byte = self.in_pos + (self.end - self.start) as u64 - 1;
             self.fds.push_back(FdBatch { last_byte, fds, truncated });
         }
-        // The kernel ends a read after the skb that carried fds even when more data is queued.
-        Ok(ReadStatus::Data { more: got.bytes == READ_CHUNK || with_fds })
+    }
+
+    /// Part of a message has arrived and the rest has not (or an oversized one is still being drained).
+    pub fn has_partial(&self) -> bool {
+        self.start != self.end || self.discard > 0
+    }
+
+    /// Bytes held, for the fuzzer's bound check.
+    pub fn capacity(&self) -> usize {
+        self.inbuf.len()
     }
 
     /// Fds that arrived with bytes before stream offset `end`.
     fn take_fds(&mut self, end: u64) -> (Vec<OwnedFd>, bool) {
         let mut fds = Vec::new();
         let mut truncated = false;
-        while self.fds.front().is_some_and(|b| b.last_byte < end) {
-            let b = self.fds.pop_front().unwrap();
+        while let Some(b) = self.fds.pop_front() {
+            if b.last_byte >= end {
+                self.fds.push_front(b);
+                break;
+            }
             fds.extend(b.fds);
             truncated |= b.truncated;
         }
@@ -187,6 +165,9 @@ impl Conn {
         if size < HEADER_SIZE {
             return Some(Event::Corrupt(header));
         }
+        if u64::from(header.size) > DRAIN_LIMIT {
+            return Some(Event::Impossible(header));
+        }
         if size > self.max_msg {
             self.consume(HEADER_SIZE);
             self.discard = (size - HEADER_SIZE) as u64;
@@ -202,6 +183,66 @@ impl Conn {
         self.consume(size);
         let (fds, fds_truncated) = self.take_fds(end);
         Some(Event::Message(Incoming { header, payload, fds, fds_truncated }))
+    }
+}
+
+struct Outgoing {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    sent: usize,
+}
+
+pub struct Conn {
+    pub stream: UnixStream,
+    pub framer: Framer,
+    out: VecDeque<Outgoing>,
+    /// Bytes in `out` not yet written, kept as a count: it is checked before every message.
+    queued: usize,
+}
+
+impl Conn {
+    pub fn new(stream: UnixStream, max_msg: usize) -> Self {
+        Conn { stream, framer: Framer::new(max_msg), out: VecDeque::new(), queued: 0 }
+    }
+
+    /// One read from the socket. The caller processes the messages it completed before reading again, so the
+    /// input buffer stays bounded by one message plus one chunk.
+    pub fn fill(&mut self) -> io::Result<ReadStatus> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(RECV_FDS))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let res = recvmsg(
+            self.stream.as_fd(),
+            &mut [IoSliceMut::new(self.framer.space())],
+            &mut cmsg,
+            RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+        );
+        let got = match res {
+            Ok(m) => m,
+            Err(e) => {
+                return match e {
+                    rustix::io::Errno::AGAIN | rustix::io::Errno::INTR => Ok(ReadStatus::WouldBlock),
+                    e => Err(e.into()),
+                };
+            }
+        };
+        let mut fds = Vec::new();
+        for m in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(it) = m {
+                fds.extend(it);
+            }
+        }
+        if got.bytes == 0 {
+            return Ok(ReadStatus::Closed);
+        }
+        let truncated = got.flags.contains(ReturnFlags::CTRUNC);
+        let with_fds = !fds.is_empty() || truncated;
+        self.framer.commit(got.bytes, fds, truncated);
+        // The kernel ends a read after the skb that carried fds even when more data is queued.
+        Ok(ReadStatus::Data { more: got.bytes == READ_CHUNK || with_fds })
+    }
+
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.framer.next_event()
     }
 
     pub fn queue(&mut self, bytes: Vec<u8>, fds: Vec<OwnedFd>) {

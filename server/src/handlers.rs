@@ -11,14 +11,10 @@ use serde_json::{json, Value};
 use vfio_bindings::bindings::vfio::*;
 
 use crate::conn::Incoming;
+use crate::limits::Limits;
 use crate::wire::*;
 
-/// Largest data transfer we accept in one message (REGION_WRITE data, REGION_READ count).
-pub const MAX_DATA_XFER: usize = 1 << 20;
-/// Largest message we accept: header, the data, and 4 KiB headroom for the fixed parts.
-pub const MAX_MSG: usize = HEADER_SIZE + MAX_DATA_XFER + 4096;
 pub const MAX_MSG_FDS: usize = 16;
-pub const MAX_DMA_MAPS: usize = 65535;
 /// The largest data transfer a client may ask us to honour (QEMU's own ceiling).
 const CLIENT_XFER_CEILING: u64 = 64 << 20;
 const PAGE: u64 = 4096;
@@ -62,6 +58,7 @@ pub struct Ctx<'a, D: VfioDevice> {
     pub device: &'a mut D,
     pub mem: &'a GuestMem,
     pub negotiated: &'a mut Option<Negotiated>,
+    pub limits: &'a Limits,
 }
 
 impl<D: VfioDevice> Ctx<'_, D> {
@@ -123,9 +120,9 @@ impl<D: VfioDevice> Ctx<'_, D> {
         );
         let caps = json!({"capabilities": {
             "max_msg_fds": MAX_MSG_FDS,
-            "max_data_xfer_size": MAX_DATA_XFER,
+            "max_data_xfer_size": self.limits.max_data_xfer,
             "pgsizes": PAGE,
-            "max_dma_maps": MAX_DMA_MAPS,
+            "max_dma_maps": self.limits.max_dma_maps,
             "write_multiple": n.write_multiple,
         }});
         *self.negotiated = Some(n);
@@ -159,8 +156,8 @@ impl<D: VfioDevice> Ctx<'_, D> {
             Some(fd) => Some((File::from(fd), offset)),
             None => None,
         };
-        if self.mem.len() >= MAX_DMA_MAPS {
-            reject!(ENOSPC, "DMA_MAP: already {MAX_DMA_MAPS} mappings");
+        if self.mem.len() >= self.limits.max_dma_maps {
+            reject!(ENOSPC, "DMA_MAP: already {} mappings (--max-dma-regions)", self.limits.max_dma_maps);
         }
         let has_fd = file.is_some();
         self.mem
@@ -355,8 +352,8 @@ impl<D: VfioDevice> Ctx<'_, D> {
 
     /// Validates a region access and returns the region's index.
     fn check_access(&self, name: &str, region: u32, offset: u64, count: u32, write: bool) -> Result<(), Errno> {
-        if count as usize > MAX_DATA_XFER {
-            reject!(E2BIG, "{name}: {count} bytes exceeds max_data_xfer_size {MAX_DATA_XFER}");
+        if count as usize > self.limits.max_data_xfer {
+            reject!(E2BIG, "{name}: {count} bytes exceeds max_data_xfer_size {}", self.limits.max_data_xfer);
         }
         let Some(info) = self.device.region_info(region) else {
             reject!(Errno::EINVAL, "{name}: no region {region}");
@@ -446,7 +443,8 @@ fn fixed_argsz(p: &[u8], min: u32, name: &str) -> Result<u32, Errno> {
 
 /// Parses VERSION's optional NUL-terminated JSON. Unknown keys are ignored, known keys must have the right type.
 fn parse_caps(json: &[u8]) -> Result<Negotiated, Errno> {
-    let mut n = Negotiated { client_max_xfer: MAX_DATA_XFER, client_max_fds: 1, write_multiple: false };
+    // The spec's defaults for a client that names neither.
+    let mut n = Negotiated { client_max_xfer: 1 << 20, client_max_fds: 1, write_multiple: false };
     if json.is_empty() {
         return Ok(n);
     }
@@ -575,7 +573,8 @@ mod tests {
         let mut dev = MmapDev(fd);
         let mem = GuestMem::new();
         let mut neg = Some(Negotiated { client_max_xfer: 1 << 20, client_max_fds: 16, write_multiple: false });
-        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut neg };
+        let limits = Limits::default();
+        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut neg, limits: &limits };
         let req = |argsz: u32| Writer::default().u32(argsz).u32(0).u32(0).u32(0).u64(0).u64(0).0;
         let need = 32 + 8 + 8 + 2 * 16;
 

@@ -5,8 +5,10 @@ pub mod backend;
 pub mod conn;
 pub mod dma;
 pub mod handlers;
+pub mod limits;
 pub mod server;
 pub mod sys;
 pub mod wire;
 
+pub use limits::Limits;
 pub use server::{Endpoint, Server};

@@ -8,7 +8,7 @@ use device::mem::GuestMem;
 use device::virtchnl::LinkSpeed;
 use device::{I40eVf, VfConfig};
 use server::backend::{Backend, BackendSpec};
-use server::{sys, Endpoint, Server};
+use server::{sys, Endpoint, Limits, Server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,6 +55,31 @@ struct Cli {
     /// polled by the device; opt-in, see docs/doorbells.md).
     #[arg(long, value_name = "MODE", default_value = "trap", value_parser = ["trap", "mmap"])]
     doorbells: String,
+
+    /// Most DMA mappings a client may hold at once (VERSION's max_dma_maps); more get ENOSPC.
+    #[arg(long, value_name = "N", default_value_t = 65535, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    max_dma_regions: u32,
+
+    /// Largest data transfer in one message (VERSION's max_data_xfer_size), in bytes, 4096 to 67108864. A
+    /// message may carry this plus 4 KiB of fixed fields; larger ones get E2BIG, and a size past 64 MiB closes the
+    /// connection.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(4096..=(64 << 20)))]
+    max_data_xfer_size: u32,
+
+    /// PF -> VF messages the device holds while the guest driver posts no admin receive buffers; past this the
+    /// oldest is dropped (logged).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_arq_queued: u32,
+
+    /// Server -> client DMA requests (fd-less guest memory) outstanding at once; more fail on the device side.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_pending_dma: u32,
+
+    /// Close a client that has sent part of a message and then nothing for MS milliseconds. 0 (default): never,
+    /// since a VMM may idle; idling between whole messages never counts.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    idle_timeout_ms: u64,
 
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -114,7 +139,14 @@ fn run(cli: Cli) -> std::io::Result<()> {
         queue_pairs: cli.queues,
         link_speed: LinkSpeed(cli.link_speed),
         mmap_doorbells: cli.doorbells == "mmap",
+        max_arq_queued: cli.max_arq_queued as usize,
         ..Default::default()
+    };
+    let limits = Limits {
+        max_dma_maps: cli.max_dma_regions as usize,
+        max_data_xfer: cli.max_data_xfer_size as usize,
+        max_pending_dma: cli.max_pending_dma as usize,
+        idle_timeout: (cli.idle_timeout_ms > 0).then(|| std::time::Duration::from_millis(cli.idle_timeout_ms)),
     };
     if let Some(mac) = cli.mac {
         cfg.mac = mac;
@@ -149,7 +181,8 @@ fn run(cli: Cli) -> std::io::Result<()> {
         (None, Some(fd)) => (sys::adopt_fd(fd)?, None),
         (None, None) => unreachable!("clap requires --socket or --fd"),
     };
-    let mut server = Server::new(vf, mem, endpoint)?;
+    log::info!("limits: {limits:?}, ARQ queue {}", cli.max_arq_queued);
+    let mut server = Server::new(vf, mem, endpoint, limits)?;
     server.stop_on(signals)?;
     server.run()
 }

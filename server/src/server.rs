@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use device::mem::GuestMem;
@@ -14,7 +15,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::conn::{Conn, Event, Incoming, ReadStatus};
 use crate::dma::{DmaOp, DmaRequest, RemoteDma};
-use crate::handlers::{Ctx, Negotiated, MAX_MSG};
+use crate::handlers::{Ctx, Negotiated};
+use crate::limits::Limits;
 use crate::wire::*;
 
 const LISTENER: Token = Token(0);
@@ -24,8 +26,6 @@ const SIGNAL: Token = Token(3);
 /// A client that stops reading our replies may not make us buffer without limit: past this much queued output we
 /// stop reading its requests until the socket drains to half of it.
 const MAX_QUEUED_OUTPUT: usize = 8 << 20;
-/// DMA requests outstanding at once; more fail at once (a client that never answers cannot grow the table).
-const MAX_PENDING_DMA: usize = 1024;
 
 /// Where clients come from.
 pub enum Endpoint {
@@ -51,6 +51,8 @@ struct Session {
     negotiated: Option<Negotiated>,
     pending: HashMap<u16, PendingDma>,
     next_id: u16,
+    /// When bytes last arrived: with `--idle-timeout`, a half message older than that closes the connection.
+    last_input: Instant,
 }
 
 pub struct Server<D: VfioDevice> {
@@ -64,13 +66,14 @@ pub struct Server<D: VfioDevice> {
     sessions: u64,
     signals: Option<UnixStream>,
     waiting_logged: bool,
+    limits: Limits,
     /// Last, so it is dropped after the session and the DMA channel: its workers may be waiting on them.
     device: D,
 }
 
 impl<D: VfioDevice> Server<D> {
     /// `mem` is the same `GuestMem` the device was built with.
-    pub fn new(device: D, mem: GuestMem, endpoint: Endpoint) -> io::Result<Self> {
+    pub fn new(device: D, mem: GuestMem, endpoint: Endpoint, limits: Limits) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (dma_tx, dma_rx) = unbounded();
@@ -85,6 +88,7 @@ impl<D: VfioDevice> Server<D> {
             sessions: 0,
             signals: None,
             waiting_logged: false,
+            limits,
             device,
         };
         match endpoint {
@@ -116,16 +120,18 @@ impl<D: VfioDevice> Server<D> {
                 log::info!("the inherited connection closed: exiting");
                 return Ok(());
             }
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            if let Err(e) = self.poll.poll(&mut events, self.idle_deadline()) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
+            self.check_idle();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
-                    CLIENT => self.service_client(),
+                    // A hang-up that came with the last bytes raises no later edge: read until the end then.
+                    CLIENT => self.service_client(ev.is_read_closed() || ev.is_error()),
                     WAKER => self.send_dma_requests(),
                     SIGNAL => {
                         log::info!("signal received: shutting down");
@@ -136,6 +142,21 @@ impl<D: VfioDevice> Server<D> {
                 }
             }
             self.flush();
+        }
+    }
+
+    /// How long the poll may sleep: until the current half message times out, if `--idle-timeout` is set.
+    fn idle_deadline(&self) -> Option<Duration> {
+        let limit = self.limits.idle_timeout?;
+        let s = self.session.as_ref().filter(|s| s.conn.framer.has_partial() && !s.paused)?;
+        Some(limit.saturating_sub(s.last_input.elapsed()))
+    }
+
+    fn check_idle(&mut self) {
+        if self.idle_deadline() == Some(Duration::ZERO) {
+            let limit = self.limits.idle_timeout.unwrap_or_default();
+            log::warn!("client sent part of a message and then nothing for {limit:?} (--idle-timeout-ms): closing");
+            self.end_session("idle with a half message");
         }
     }
 
@@ -171,15 +192,17 @@ impl<D: VfioDevice> Server<D> {
         log::info!("client {} connected ({who})", self.sessions);
         self.session = Some(Session {
             id: self.sessions,
-            conn: Conn::new(stream, MAX_MSG),
+            conn: Conn::new(stream, self.limits.max_msg()),
             interest: Interest::READABLE,
             paused: false,
             negotiated: None,
             pending: HashMap::new(),
             next_id: 0,
+            last_input: Instant::now(),
         });
-        // The client may already have sent data before we registered; edge-triggered polling would not say so.
-        self.service_client();
+        // The client may already have sent data (and hung up) before we registered; edge-triggered polling would
+        // not say so.
+        self.service_client(true);
         Ok(())
     }
 
@@ -211,7 +234,9 @@ impl<D: VfioDevice> Server<D> {
         }
     }
 
-    fn service_client(&mut self) {
+    /// Reads and handles what the client sent. A short read normally means the socket is drained; `to_end` reads
+    /// on until it would block or the client is gone.
+    fn service_client(&mut self, to_end: bool) {
         loop {
             let Some(s) = &mut self.session else { return };
             if s.paused {
@@ -219,11 +244,12 @@ impl<D: VfioDevice> Server<D> {
             }
             match s.conn.fill() {
                 Ok(ReadStatus::Data { more }) => {
+                    s.last_input = Instant::now();
                     if let Err(why) = self.process_input() {
                         self.end_session(&why);
                         return;
                     }
-                    if !more {
+                    if !more && !to_end {
                         break;
                     }
                 }
@@ -253,7 +279,7 @@ impl<D: VfioDevice> Server<D> {
             if let Err(why) = self.process_input() {
                 return self.end_session(&why);
             }
-            self.service_client();
+            self.service_client(true);
         }
     }
 
@@ -270,15 +296,34 @@ impl<D: VfioDevice> Server<D> {
                 return Ok(());
             }
             let Some(ev) = s.conn.next_event() else { return Ok(()) };
+            let max = self.limits.max_msg();
             match ev {
                 Event::Corrupt(h) => return Err(format!("message header size {} < 16: stream corrupt", h.size)),
                 Event::Oversized(h) => {
-                    log::warn!("{} of {} bytes exceeds the {MAX_MSG}-byte limit: drained", command_name(h.cmd), h.size);
-                    if !h.no_reply() {
-                        s.conn.queue(message(h.id, h.cmd, TYPE_REPLY | FLAG_ERROR, libc::E2BIG as u32, &[]), vec![]);
+                    log::warn!("{} of {} bytes exceeds the {max}-byte limit: drained", command_name(h.cmd), h.size);
+                    reply_error(s, &h, libc::E2BIG);
+                }
+                Event::Impossible(h) => {
+                    reply_error(s, &h, libc::E2BIG);
+                    let _ = s.conn.flush(); // best effort: the reply says why before the close does
+                    return Err(format!(
+                        "{} declares {} bytes, more than any client may send",
+                        command_name(h.cmd),
+                        h.size
+                    ));
+                }
+                Event::Message(m) if m.header.msg_type() == TYPE_REPLY => {
+                    if let Some(m) = complete_dma(s, m) {
+                        // Nothing of ours is waiting for it (always so before VERSION): the client gets an answer
+                        // rather than wait forever for one.
+                        log::warn!(
+                            "a reply (id {}, {}) that matches no request of ours: EINVAL",
+                            m.header.id,
+                            command_name(m.header.cmd)
+                        );
+                        reply_error(s, &m.header, libc::EINVAL);
                     }
                 }
-                Event::Message(m) if m.header.msg_type() == TYPE_REPLY => complete_dma(s, m),
                 Event::Message(m) => self.handle_command(m),
             }
         }
@@ -293,7 +338,8 @@ impl<D: VfioDevice> Server<D> {
             Err(Errno::EINVAL)
         } else {
             let was_negotiated = s.negotiated.is_some();
-            let mut ctx = Ctx { device: &mut self.device, mem: &self.mem, negotiated: &mut s.negotiated };
+            let mut ctx =
+                Ctx { device: &mut self.device, mem: &self.mem, negotiated: &mut s.negotiated, limits: &self.limits };
             let r = ctx.handle(&mut m);
             if !was_negotiated {
                 if let Some(n) = &s.negotiated {
@@ -325,8 +371,8 @@ impl<D: VfioDevice> Server<D> {
                 let _ = req.reply.send(Err(io::Error::new(io::ErrorKind::NotConnected, "client disconnected")));
                 continue;
             };
-            if s.pending.len() >= MAX_PENDING_DMA {
-                log::warn!("{MAX_PENDING_DMA} DMA requests unanswered by the client: failing another");
+            if s.pending.len() >= self.limits.max_pending_dma {
+                log::warn!("{} DMA requests unanswered by the client: failing another", s.pending.len());
                 let _ = req.reply.send(Err(io::Error::other("too many unanswered DMA requests")));
                 continue;
             }
@@ -349,12 +395,19 @@ impl<D: VfioDevice> Server<D> {
     }
 }
 
-/// Matches a client's reply to our DMA request and hands the result to the waiting worker.
-fn complete_dma(s: &mut Session, m: Incoming) {
+/// An error reply carrying only the header, unless the message asked for no reply.
+fn reply_error(s: &mut Session, h: &Header, errno: i32) {
+    if !h.no_reply() {
+        s.conn.queue(message(h.id, h.cmd, TYPE_REPLY | FLAG_ERROR, errno as u32, &[]), vec![]);
+    }
+}
+
+/// Matches a client's reply to our DMA request and hands the result to the waiting worker. Gives the message back
+/// when no request of ours has its id.
+fn complete_dma(s: &mut Session, m: Incoming) -> Option<Incoming> {
     let h = m.header;
     let Some(p) = s.pending.remove(&h.id) else {
-        log::warn!("reply id {} ({}) matches no request of ours: ignored", h.id, command_name(h.cmd));
-        return;
+        return Some(m);
     };
     let result = if h.cmd != p.cmd {
         Err(format!("reply to {} carries command {}", command_name(p.cmd), h.cmd))
@@ -375,4 +428,5 @@ fn complete_dma(s: &mut Session, m: Incoming) {
         log::warn!("{e}");
         io::Error::other(e)
     }));
+    None
 }
