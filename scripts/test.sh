@@ -1,6 +1,7 @@
 #!/bin/bash
 # Every test, from a fresh Debian 12 machine: provisions QEMU 11.1.3 and the two guest kernels (cached under
-# build/), builds the workspace, runs unit, protocol and QEMU end-to-end tests, then the benchmark in quick mode.
+# build/), builds the workspace, runs unit, protocol, hostile-client and QEMU end-to-end tests, every fuzz target for a
+# bounded time, then the benchmarks in quick mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -16,6 +17,9 @@ cargo build --release -p server -p bench
 
 step "tests"
 cargo test --workspace
+
+step "fuzzing (cargo-fuzz, ${FUZZ_SECONDS:-45}s per target; skipped without the nightly toolchain)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-45} scripts/fuzz.sh
 
 step "benchmarks (quick)"
 ./target/release/vfu-bench --quick

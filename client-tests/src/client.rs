@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -349,6 +349,33 @@ impl Client {
         }
     }
 
+    /// Half-closes the connection: the server reads end-of-stream after what was sent, and can still answer.
+    pub fn shutdown_write(&self) {
+        self.sock.shutdown(std::net::Shutdown::Write).expect("shutdown(SHUT_WR)");
+    }
+
+    /// Reads until the server closes the connection. Returns the headers of the messages that arrived before the
+    /// close (DMA requests included, unanswered), or None when the connection is still open after `dur`. A reset
+    /// counts as a close: the server closed its end with our bytes unread.
+    pub fn until_close(&mut self, dur: Duration) -> Option<Vec<Header>> {
+        let deadline = Instant::now() + dur;
+        let mut got: Vec<Header> = self.stash.drain(..).map(|m| m.hdr).collect();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.read_msg(left) {
+                Ok(m) => got.push(m.hdr),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return None,
+                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => {
+                    return Some(got)
+                }
+                Err(e) => panic!("reading until the server closes: {e}"),
+            }
+        }
+    }
+
     // ---- server -> client DMA --------------------------------------------------------------------------------
 
     fn reply_to(&mut self, req: &Header, payload: &[u8], errno: Option<i32>) -> io::Result<()> {
@@ -598,6 +625,13 @@ impl Client {
 
     pub fn stash_len(&self) -> usize {
         self.stash.len()
+    }
+}
+
+impl AsFd for Client {
+    /// The connection's socket (to send it as an fd, or to poll it).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 }
 

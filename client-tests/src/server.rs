@@ -136,6 +136,40 @@ impl ServerProcess {
         fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {dir}: {e}")).count()
     }
 
+    /// The server's resident set size in KiB (VmRSS in /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in {path}"))
+    }
+
+    /// Asserts that a new client is served now: it connects, negotiates VERSION and reads the device's
+    /// vendor:device (0x154c8086 at offset 0 of config space), each within [`crate::client::REPLY_TIMEOUT`].
+    #[track_caller]
+    pub fn assert_serves_new_client(&self, what: &str) {
+        let mut c =
+            Client::connect(&self.socket).unwrap_or_else(|e| panic!("{what}: the next client cannot connect: {e}"));
+        let mut caps = crate::QEMU_LIKE_CAPS.as_bytes().to_vec();
+        caps.push(0);
+        let version = crate::Payload::new().u16(0).u16(0).bytes(&caps).build();
+        let r = c
+            .request(crate::cmd::VERSION, &version, &[])
+            .unwrap_or_else(|e| panic!("{what}: the next client gets no VERSION reply: {e}"));
+        assert_eq!(r.errno, None, "{what}: the next client's VERSION failed");
+        let read = crate::Payload::new().u64(0).u32(crate::CONFIG).u32(4).build();
+        let r = c
+            .request(crate::cmd::REGION_READ, &read, &[])
+            .unwrap_or_else(|e| panic!("{what}: the next client gets no REGION_READ reply: {e}"));
+        assert_eq!(r.errno, None, "{what}: the next client's config read failed");
+        assert_eq!(r.payload.len(), 20, "{what}: the next client's config read reply length");
+        assert_eq!(crate::le_u32(&r.payload, 16), 0x154c_8086, "{what}: the next client's config read");
+    }
+
     /// Polls the server's fd count until it equals `want` or `timeout` passes; returns the last count.
     pub fn wait_fd_count(&self, want: usize, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;

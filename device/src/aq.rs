@@ -133,7 +133,7 @@ fn stall(shared: &Shared, len_reg: u64, why: std::fmt::Arguments<'_>) {
 
 /// Processes ATQH..ATQT: read each descriptor and its buffer, handle it, write it back with DD|CMP, then advance
 /// ATQH (the driver takes "head == tail" as done, so the head moves only after the writeback).
-fn process_atq(shared: &Shared) {
+pub(crate) fn process_atq(shared: &Shared) {
     while let Some(r) = ring(shared, VF_ATQLEN1, VF_ATQBAL1, VF_ATQBAH1, VF_ATQH1, VF_ATQT1) {
         if r.head == r.tail {
             break;

@@ -264,7 +264,7 @@ fn desc_addr(ring: u64, i: u32, size: u64, off: u64) -> Result<u64, Mdd> {
 }
 
 /// Completes every frame between the queue's head and its tail.
-fn process_tx(shared: &Shared, q: u16) {
+pub(crate) fn process_tx(shared: &Shared, q: u16) {
     let qi = q as usize;
     loop {
         let (generation, cfg, head, tail) = {
@@ -412,7 +412,7 @@ fn count_port_drops(shared: &Shared, stats: &mut [u64; 12]) {
 }
 
 /// Where a received frame goes: filtered by destination MAC, then steered to an enabled queue.
-fn receive(shared: &Shared, frame: Vec<u8>) {
+pub(crate) fn receive(shared: &Shared, frame: Vec<u8>) {
     let mut st = shared.lock();
     count_port_drops(shared, &mut st.pf.stats);
     if frame.len() < 14 || !st.pf.queues_enabled() {
@@ -442,7 +442,7 @@ fn receive(shared: &Shared, frame: Vec<u8>) {
 }
 
 /// Writes waiting frames into queue `q`'s posted buffers until the backlog or the buffers run out.
-fn drain_rx(shared: &Shared, q: u16) {
+pub(crate) fn drain_rx(shared: &Shared, q: u16) {
     let qi = q as usize;
     let mut delivered = 0;
     loop {

@@ -6,6 +6,8 @@
 pub mod aq;
 pub mod datapath;
 pub mod driver_model;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod irq;
 pub mod mem;
 pub mod net;

@@ -88,7 +88,7 @@ pub struct VfState {
 }
 
 impl VfState {
-    fn power_on(cfg: &VfConfig) -> Self {
+    pub(crate) fn power_on(cfg: &VfConfig) -> Self {
         let n = cfg.msix_vectors();
         VfState {
             config: pci::vf_config(n),

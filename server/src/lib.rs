@@ -4,6 +4,8 @@
 pub mod backend;
 pub mod conn;
 pub mod dma;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handlers;
 pub mod limits;
 pub mod server;

@@ -48,6 +48,9 @@ struct Session {
     interest: Interest,
     /// Reading is paused because too much output is queued.
     paused: bool,
+    /// The client has sent its last byte (a half-close) while replies were queued: nothing more is read, and the
+    /// session ends when they are written.
+    closing: bool,
     negotiated: Option<Negotiated>,
     pending: HashMap<u16, PendingDma>,
     next_id: u16,
@@ -129,7 +132,8 @@ impl<D: VfioDevice> Server<D> {
             self.check_idle();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER if self.session.is_some() => self.note_waiting_client(),
+                    LISTENER => {} // accepted below
                     // A hang-up that came with the last bytes raises no later edge: read until the end then.
                     CLIENT => self.service_client(ev.is_read_closed() || ev.is_error()),
                     WAKER => self.send_dma_requests(),
@@ -142,6 +146,7 @@ impl<D: VfioDevice> Server<D> {
                 }
             }
             self.flush();
+            self.accept_waiting();
         }
     }
 
@@ -160,23 +165,35 @@ impl<D: VfioDevice> Server<D> {
         }
     }
 
-    fn accept(&mut self) {
-        if self.session.is_some() {
-            if !self.waiting_logged {
-                log::info!("another client is connecting; it waits until the current one disconnects");
-                self.waiting_logged = true;
-            }
-            return;
+    fn note_waiting_client(&mut self) {
+        if !self.waiting_logged {
+            log::info!("another client is connecting; it waits until the current one disconnects");
+            self.waiting_logged = true;
         }
-        let Some(l) = &self.listener else { return };
+    }
+
+    /// Serves the next waiting client while no session is open. A client that has already left ends its session
+    /// as soon as it starts, so this takes the next one, in a loop: never by recursion from `end_session`, which
+    /// would use stack for every departed client waiting in the listen backlog (thousands fit there).
+    fn accept_waiting(&mut self) {
+        while self.session.is_none() && self.accept() {}
+    }
+
+    /// Takes one waiting connection and starts its session; false when none was waiting.
+    fn accept(&mut self) -> bool {
+        let Some(l) = &self.listener else { return false };
         match l.accept() {
             Ok((stream, _)) => {
                 if let Err(e) = self.start_session(stream) {
                     log::error!("cannot serve the new client: {e}");
                 }
+                true
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => log::warn!("accept failed: {e}"),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                false
+            }
         }
     }
 
@@ -195,6 +212,7 @@ impl<D: VfioDevice> Server<D> {
             conn: Conn::new(stream, self.limits.max_msg()),
             interest: Interest::READABLE,
             paused: false,
+            closing: false,
             negotiated: None,
             pending: HashMap::new(),
             next_id: 0,
@@ -206,12 +224,9 @@ impl<D: VfioDevice> Server<D> {
         Ok(())
     }
 
-    /// Closes the session and serves the next client waiting, if any.
+    /// Closes the session. The run loop then serves the next client waiting, if any (`accept_waiting`).
     fn end_session(&mut self, why: &str) {
         self.close_session(why);
-        if self.listener.is_some() {
-            self.accept();
-        }
     }
 
     /// Forgets everything the client gave us and keeps the device state for the next client. DMA requests still
@@ -239,8 +254,8 @@ impl<D: VfioDevice> Server<D> {
     fn service_client(&mut self, to_end: bool) {
         loop {
             let Some(s) = &mut self.session else { return };
-            if s.paused {
-                break; // resumed by `flush` once the client has read enough
+            if s.paused || s.closing {
+                break; // resumed by `flush` once the client has read enough; or nothing more will come
             }
             match s.conn.fill() {
                 Ok(ReadStatus::Data { more }) => {
@@ -254,6 +269,13 @@ impl<D: VfioDevice> Server<D> {
                     }
                 }
                 Ok(ReadStatus::WouldBlock) => break,
+                Ok(ReadStatus::Closed) if s.conn.has_output() => {
+                    // End of input with replies still queued: a client that only shut down its writing side still
+                    // reads them, so the session ends once they are written. One that closed completely fails
+                    // the next write, which ends the session at once.
+                    s.closing = true;
+                    break;
+                }
                 Ok(ReadStatus::Closed) => return self.end_session("connection closed"),
                 Err(e) => return self.end_session(&format!("read error: {e}")),
             }
@@ -265,6 +287,9 @@ impl<D: VfioDevice> Server<D> {
         let Some(s) = &mut self.session else { return };
         if let Err(e) = s.conn.flush() {
             return self.end_session(&format!("write error: {e}"));
+        }
+        if s.closing && !s.conn.has_output() {
+            return self.end_session("connection closed after its last replies");
         }
         let want = if s.conn.has_output() { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
         if want != s.interest {
@@ -367,7 +392,8 @@ impl<D: VfioDevice> Server<D> {
     /// Sends the DMA requests device workers queued; a request for a session that has ended fails at once.
     fn send_dma_requests(&mut self) {
         while let Ok(req) = self.dma_rx.try_recv() {
-            let Some(s) = self.session.as_mut().filter(|s| s.id == req.session) else {
+            // A half-closed client can no longer answer.
+            let Some(s) = self.session.as_mut().filter(|s| s.id == req.session && !s.closing) else {
                 let _ = req.reply.send(Err(io::Error::new(io::ErrorKind::NotConnected, "client disconnected")));
                 continue;
             };

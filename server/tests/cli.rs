@@ -110,6 +110,53 @@ fn bad_flags_fail_with_a_reason() {
 }
 
 #[test]
+fn limit_flags_reject_bad_values_naming_the_flag() {
+    for (flag, bad) in [
+        ("--max-dma-regions", "0"),
+        ("--max-dma-regions", "65536"),
+        ("--max-dma-regions", "many"),
+        ("--max-data-xfer-size", "4095"),
+        ("--max-data-xfer-size", "67108865"),
+        ("--max-data-xfer-size", "1M"),
+        ("--max-data-xfer-size", "4294967296"),
+        ("--max-arq-queued", "0"),
+        ("--max-arq-queued", "65537"),
+        ("--max-arq-queued", "x"),
+        ("--max-pending-dma", "0"),
+        ("--max-pending-dma", "65537"),
+        ("--max-pending-dma", "1.5"),
+        ("--idle-timeout-ms", "1s"),
+        ("--idle-timeout-ms", "18446744073709551616"),
+        ("--idle-timeout-ms", ""),
+    ] {
+        let o = run(&["--socket", "/tmp/vfu-cli-never-bound.sock", flag, bad]);
+        assert!(!o.status.success(), "{flag} {bad:?} was accepted");
+        assert!(stderr(&o).contains(flag), "{flag} {bad:?}: stderr does not name the flag:\n{}", stderr(&o));
+    }
+    // A negative number only parses as a value when attached with '=' (else it reads as a flag).
+    for flag in
+        ["--max-dma-regions", "--max-data-xfer-size", "--max-arq-queued", "--max-pending-dma", "--idle-timeout-ms"]
+    {
+        let o = run(&["--socket", "/tmp/vfu-cli-never-bound.sock", &format!("{flag}=-1")]);
+        assert!(!o.status.success(), "{flag}=-1 was accepted");
+        assert!(stderr(&o).contains(flag), "{flag}=-1: stderr does not name the flag:\n{}", stderr(&o));
+    }
+    assert!(!Path::new("/tmp/vfu-cli-never-bound.sock").exists(), "a server with a bad flag bound its socket");
+}
+
+#[test]
+fn help_lists_the_limit_flags() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in
+        ["--max-dma-regions", "--max-data-xfer-size", "--max-arq-queued", "--max-pending-dma", "--idle-timeout-ms"]
+    {
+        assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
+    }
+}
+
+#[test]
 fn unusable_socket_paths_are_errors() {
     let d = tmpdir("paths");
     let file = d.join("regular");
