@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use client_tests::reg::*;
 use client_tests::util::{held_atq_dma_read, memfd, wait_atq_stalled};
 use client_tests::*;
-use device::driver_model::{msg_version, Bus, DriverModel, AQ_LEN};
-use device::regs::VF_ARQT1;
-use device::virtchnl::OP_VERSION;
+use device::nic::regs::VF_ARQT1;
+use device::nic::virtchnl::OP_VERSION;
+use testkit::{msg_version, Bus, DriverModel, AQ_LEN};
 
 fn read_payload(offset: u64, region: u32, count: u32) -> Vec<u8> {
     Payload::new().u64(offset).u32(region).u32(count).build()

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use client_tests::{Client, ServerProcess};
-use device::driver_model::{Bus, DriverModel};
-use device::regs::{VFGEN_RSTAT, VF_ARQLEN1};
-use device::virtchnl::*;
+use device::nic::regs::{VFGEN_RSTAT, VF_ARQLEN1};
+use device::nic::virtchnl::*;
+use testkit::{Bus, DriverModel};
 
 struct SocketBus(Client);
 

@@ -7,12 +7,13 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
+use crate::cfg::VfConfig;
+use crate::core::Core;
+use crate::engine::{aq, rx, tx};
 use crate::mem::{DmaTransport, GuestMem};
 use crate::net::FrameSink;
-use crate::regs::*;
-use crate::vf::{Shared, VfState};
-use crate::virtchnl::{self, Pf};
-use crate::{aq, datapath, VfConfig};
+use crate::nic::regs::*;
+use crate::nic::virtchnl::{self, Pf};
 
 /// Reads fixed-size fields from fuzz input; an exhausted input reads as zeros, so every input is usable.
 pub struct Input<'a> {
@@ -152,12 +153,11 @@ impl FrameSink for CheckSink {
     }
 }
 
-/// A device state without workers, so each engine runs on the caller's thread.
-fn shared(queue_pairs: u16, mem: GuestMem) -> Arc<Shared> {
-    let cfg = VfConfig { queue_pairs, ..Default::default() };
-    let mut state = VfState::power_on(&cfg);
-    state.sink = Arc::new(CheckSink::default());
-    Arc::new(Shared { state: Mutex::new(state), mem, cfg, kicks: Default::default(), rx_gate: Default::default() })
+/// A device without workers, so each engine runs on the caller's thread.
+fn shared(queue_pairs: u16, mem: GuestMem) -> Core {
+    let core = Core::new(VfConfig { queue_pairs, ..Default::default() }, mem, None);
+    core.lock().sink = Arc::new(CheckSink::default());
+    core
 }
 
 /// The virtchnl PF: a sequence of (op, message) against one PF, checking the invariants other code relies on.
@@ -219,13 +219,13 @@ pub fn admin_queue(data: &[u8]) {
     {
         let mut st = s.lock();
         for (r, v) in regs {
-            st.regs.set(r, v);
+            st.nic.regs.set(r, v);
         }
     }
     aq::process_atq(&s);
     aq::deliver_arq(&s);
     fm.check_read_only();
-    check_pf(&s.lock().pf);
+    check_pf(&s.lock().nic.pf);
 }
 
 /// Sets up queue pair 0 through virtchnl (ring address and length from the input, else a valid default), then
@@ -238,10 +238,10 @@ pub fn tx(data: &[u8]) {
     configure_pair(&s, ring, len, 2048, 9728);
     {
         let mut st = s.lock();
-        let len = st.pf.tx[0].map_or(64, |q| q.len);
-        st.regs.set(QTX_TAIL1, u32::from(tail) % (len + 8)); // sometimes past the ring's end
+        let len = st.nic.pf.tx[0].map_or(64, |q| q.len);
+        st.nic.regs.set(QTX_TAIL1, u32::from(tail) % (len + 8)); // sometimes past the ring's end
     }
-    datapath::process_tx(&s, 0);
+    tx::process_tx(&s, 0);
     fm.check_read_only();
 }
 
@@ -263,38 +263,38 @@ pub fn rx(data: &[u8]) {
     {
         let mut st = s.lock();
         if rss & 1 != 0 {
-            st.pf.caps |= virtchnl::CAP_RSS_PF;
+            st.nic.pf.caps |= virtchnl::CAP_RSS_PF;
         }
-        st.pf.macs.push([2, 0, 0, 0, 0, 1]);
-        st.pf.promisc = u16::from(rss >> 6);
-        let len = st.pf.rx[0].map_or(64, |q| q.len);
-        st.regs.set(QRX_TAIL1, u32::from(tail) % (len + 8));
+        st.nic.pf.macs.push([2, 0, 0, 0, 0, 1]);
+        st.nic.pf.promisc = u16::from(rss >> 6);
+        let len = st.nic.pf.rx[0].map_or(64, |q| q.len);
+        st.nic.regs.set(QRX_TAIL1, u32::from(tail) % (len + 8));
     }
     for f in frames {
-        datapath::receive(&s, f);
+        rx::receive(&s, f);
     }
-    datapath::drain_rx(&s, 0);
+    rx::drain_rx(&s, 0);
     fm.check_read_only();
 }
 
 /// CONFIG_VSI_QUEUES for pair 0 with the given TX/RX ring (RX 0x1000 after TX); a valid default ring in MEM_A if
 /// the PF refuses it. Then ENABLE_QUEUES.
-fn configure_pair(s: &Shared, ring: u64, len: u16, buf: u32, max_frame: u32) {
+fn configure_pair(s: &Core, ring: u64, len: u16, buf: u32, max_frame: u32) {
     let mut st = s.lock();
-    st.pf.handle(virtchnl::OP_VERSION, &[1, 0, 0, 0, 1, 0, 0, 0]);
+    st.nic.pf.handle(virtchnl::OP_VERSION, &[1, 0, 0, 0, 1, 0, 0, 0]);
     let try_cfg = |pf: &mut Pf, ring: u64, len: u16| {
         let m = queue_config(ring, len, buf, max_frame);
         pf.handle(virtchnl::OP_CONFIG_VSI_QUEUES, &m).reply.is_some_and(|(s, _)| s == 0)
     };
-    if !try_cfg(&mut st.pf, ring, len) {
-        assert!(try_cfg(&mut st.pf, MEM_A, 64), "default queue config refused");
+    if !try_cfg(&mut st.nic.pf, ring, len) {
+        assert!(try_cfg(&mut st.nic.pf, MEM_A, 64), "default queue config refused");
     }
     let mut sel = [0u8; 12];
     sel[..2].copy_from_slice(&virtchnl::VSI_ID.to_le_bytes());
     sel[4] = 1;
     sel[8] = 1;
-    st.pf.handle(virtchnl::OP_ENABLE_QUEUES, &sel);
-    st.pf.irq_map[1] = (1, 1);
+    st.nic.pf.handle(virtchnl::OP_ENABLE_QUEUES, &sel);
+    st.nic.pf.irq_map[1] = (1, 1);
 }
 
 fn queue_config(ring: u64, len: u16, buf: u32, max_frame: u32) -> Vec<u8> {

@@ -1,338 +1,236 @@
-//! The i40e VF: PCI personality, BAR0 register semantics, MSI-X, reset. Work that touches guest memory (the admin
-//! queue) runs on the device's worker thread so the protocol thread never waits for the client.
+//! The i40e VF as the server sees it: regions, interrupts and reset through [`VfioDevice`], the BAR0 register
+//! semantics, and the device-wide operations migration needs: pause, resume, save, load.
+//!
+//! While paused (see docs/device-state.md), the device makes no DMA, raises no interrupt and changes no ring or
+//! register state. Client accesses are still served: config space and the MSI-X BAR as usual (a VMM restores
+//! config space on a stopped device); BAR0 reads from the frozen registers with no side effects; BAR0 writes are
+//! held, in order, and applied at resume (they are part of the saved state, so they reach a destination too).
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::Sender;
 
-use crate::aq::{ArqMsg, ARQ_BACKLOG};
-use crate::datapath::{self, DoorbellPage, DpWork, Kicks, RxGate, DOORBELL_PAGE};
-use crate::irq::{self, Interrupts};
+use crate::cfg::VfConfig;
+use crate::core::{AqWork, Core, DpWork, Kicks};
+use crate::engine::port::RxPort;
+use crate::engine::worker::{self, Workers};
+use crate::mem::doorbell::{DoorbellPage, DOORBELL_PAGE};
 use crate::mem::GuestMem;
-use crate::net::{FrameSink, NoSink, RxPort};
-use crate::pci::{self, PciConfig};
-use crate::regs::*;
-use crate::virtchnl::{LinkSpeed, Pf};
-use crate::{aq, DevResult, Errno, IrqAction, IrqData, IrqInfo, RegionInfo, RegionMmap, VfioDevice};
+use crate::net::FrameSink;
+use crate::nic::regs::*;
+use crate::nic::stats::{EthStats, QueueStats};
+use crate::pci::{self, msix};
+use crate::state::{Counters, DeviceState, Identity, StateError, MAX_HELD_WRITES};
+use crate::vfio::{DevResult, Errno, IrqAction, IrqData, IrqInfo, RegionInfo, RegionMmap, VfioDevice};
 
 pub const NUM_REGIONS: u32 = 9;
 pub const CONFIG_REGION: u32 = 7;
-/// A real i40e VF's MSI-X table: 4 queue vectors and the misc vector.
-pub const MSIX_VECTORS: u16 = 5;
-pub const MAX_QUEUE_PAIRS: u16 = 16;
 
-/// What the user chose on the command line.
-#[derive(Debug, Clone)]
-pub struct VfConfig {
-    pub mac: [u8; 6],
-    /// Queue pairs offered to the driver (1..=16).
-    pub queue_pairs: u16,
-    pub link_speed: LinkSpeed,
-    /// `--doorbells mmap`: BAR0's first page (the QTX_TAIL registers) is offered as an mmap area backed by a
-    /// memfd the datapath worker polls, instead of trapped register writes (`docs/doorbells.md`).
-    pub mmap_doorbells: bool,
-    /// PF -> VF messages held while the driver posts no ARQ buffers; past this the oldest is dropped.
-    pub max_arq_queued: usize,
-}
-
-impl Default for VfConfig {
-    fn default() -> Self {
-        // Locally administered unicast; 4 queue pairs and 5 vectors like a real VF.
-        VfConfig {
-            mac: [0x02, 0x00, 0x00, 0x15, 0x4c, 0x01],
-            queue_pairs: 4,
-            link_speed: LinkSpeed(10000),
-            mmap_doorbells: false,
-            max_arq_queued: ARQ_BACKLOG,
-        }
-    }
-}
-
-impl VfConfig {
-    /// MSI-X vectors: one per queue pair plus the misc vector, at least the real VF's five.
-    pub fn msix_vectors(&self) -> u16 {
-        (self.queue_pairs + 1).max(MSIX_VECTORS)
-    }
-}
-
-/// Mutable device state, behind one lock held only for short register-sized critical sections.
-pub struct VfState {
-    pub config: PciConfig,
-    pub regs: RegFile,
-    pub irq: Interrupts,
-    /// INTENA per vector (vector 0 = DYN_CTL01, n + 1 = DYN_CTLN1(n)); cleared when the vector fires (auto-mask).
-    pub intena: Vec<bool>,
-    /// A cause arrived while the vector was masked; fire on the next INTENA write.
-    pub pending: Vec<bool>,
-    /// Bumped by every reset, so work started before a reset does not write back after it.
-    pub generation: u64,
-    /// The PF's view of the VF (virtchnl state).
-    pub pf: Pf,
-    /// PF -> VF messages waiting for ARQ slots, at most `arq_max`.
-    pub arq_backlog: VecDeque<ArqMsg>,
-    pub arq_max: usize,
-    /// Per TX queue: the next descriptor the device will read.
-    pub tx_head: Vec<u32>,
-    /// Per RX queue: the next descriptor the device will fill, and frames waiting for buffers.
-    pub rx_head: Vec<u32>,
-    pub rx_backlog: Vec<VecDeque<Vec<u8>>>,
-    /// Where transmitted frames go.
-    pub sink: Arc<dyn FrameSink>,
-    /// Frames per queue since power-on: (received, transmitted).
-    pub queue_frames: Vec<(u64, u64)>,
-    /// `--doorbells mmap`: the shared page holding the QTX_TAIL registers (which then are not in `regs`).
-    pub doorbells: Option<Arc<DoorbellPage>>,
-}
-
-impl VfState {
-    pub(crate) fn power_on(cfg: &VfConfig) -> Self {
-        let n = cfg.msix_vectors();
-        VfState {
-            config: pci::vf_config(n),
-            regs: RegFile::power_on(pci::BAR0_SIZE),
-            irq: Interrupts::new(n as usize),
-            intena: vec![false; n as usize],
-            pending: vec![false; n as usize],
-            generation: 0,
-            pf: Pf::new(cfg.mac, cfg.queue_pairs, n, cfg.link_speed),
-            arq_backlog: VecDeque::new(),
-            arq_max: cfg.max_arq_queued.max(1),
-            tx_head: vec![0; cfg.queue_pairs as usize],
-            rx_head: vec![0; cfg.queue_pairs as usize],
-            rx_backlog: vec![VecDeque::new(); cfg.queue_pairs as usize],
-            sink: Arc::new(NoSink),
-            queue_frames: vec![(0, 0); cfg.queue_pairs as usize],
-            doorbells: None,
-        }
-    }
-
-    /// DEVICE_RESET / FLR: back to power-on, keeping the client's eventfds, the generation count and the
-    /// negotiated virtchnl version.
-    fn reset(&mut self, cfg: &VfConfig) {
-        let generation = self.generation + 1;
-        let version = self.pf.version;
-        let irq = std::mem::replace(&mut self.irq, Interrupts::new(0));
-        let sink = self.sink.clone();
-        let doorbells = self.doorbells.take();
-        *self = VfState::power_on(cfg);
-        self.irq = irq;
-        self.sink = sink;
-        if let Some(page) = &doorbells {
-            page.clear();
-        }
-        self.doorbells = doorbells;
-        self.irq.reset();
-        self.generation = generation;
-        self.pf.version = version;
-    }
-
-    /// VF reset (RESET_VF or PF-initiated): registers, admin queue, queues, filters, IRQ map and RSS are
-    /// forgotten; config space, MSI-X table and the virtchnl version stay. RSTAT reads INPROGRESS afterwards;
-    /// the caller moves it on.
-    pub fn vf_reset(&mut self) {
-        self.generation += 1;
-        self.regs = RegFile::power_on(pci::BAR0_SIZE);
-        if let Some(page) = &self.doorbells {
-            page.clear();
-        }
-        self.regs.set(VFGEN_RSTAT, RSTAT_INPROGRESS);
-        self.intena.fill(false);
-        self.pending.fill(false);
-        self.pf.reset();
-        self.arq_backlog.clear();
-        self.tx_head.fill(0);
-        self.rx_head.fill(0);
-        self.rx_backlog.iter_mut().for_each(VecDeque::clear);
-    }
-
-    /// Queues a PF -> VF message for the ARQ. A driver that stopped returning ARQ buffers loses the oldest.
-    pub fn post(&mut self, op: u32, status: i32, payload: Vec<u8>) {
-        if self.arq_backlog.len() >= self.arq_max {
-            let lost = self.arq_backlog.pop_front();
-            log::warn!("ARQ backlog full: dropped PF message op {:?}", lost.map(|m| m.op));
-        }
-        self.arq_backlog.push_back(ArqMsg { op, status, payload });
-    }
-
-    /// Raises vector `v`: fires now if enabled (then auto-masks), otherwise remembers it.
-    pub fn raise(&mut self, v: usize) {
-        if self.intena[v] {
-            self.intena[v] = false;
-            self.pending[v] = false;
-            self.irq.fire(v);
-        } else {
-            self.pending[v] = true;
-        }
-    }
-
-    /// Raises every vector CONFIG_IRQ_MAP binds to RX (`rx`) or TX queue `q`.
-    pub fn raise_queue(&mut self, q: u16, rx: bool) {
-        for v in 0..self.pf.irq_map.len() {
-            let (rxq, txq) = self.pf.irq_map[v];
-            if (if rx { rxq } else { txq }) & (1 << q) != 0 {
-                self.raise(v);
-            }
-        }
-    }
-
-    /// Raises an ICR0 cause on vector 0 if the cause is enabled.
-    pub fn raise_misc(&mut self, cause: u32) {
-        let icr = self.regs.get(VFINT_ICR01) | cause;
-        self.regs.set(VFINT_ICR01, icr);
-        if self.regs.get(VFINT_ICR0_ENA1) & cause != 0 {
-            self.raise(0);
-        }
-    }
-
-    fn write_dyn_ctl(&mut self, v: usize, val: u32) {
-        if val & DYN_CLEARPBA != 0 {
-            self.pending[v] = false;
-        }
-        if val & DYN_INTENA_MSK == 0 {
-            self.intena[v] = val & DYN_INTENA != 0;
-        }
-        if val & DYN_SWINT_TRIG != 0 {
-            if v == 0 {
-                self.regs.set(VFINT_ICR01, self.regs.get(VFINT_ICR01) | ICR0_SWINT);
-            }
-            self.pending[v] = true;
-        }
-        if self.intena[v] && self.pending[v] {
-            self.raise(v);
-        }
-    }
-}
-
-pub(crate) struct Shared {
-    pub state: Mutex<VfState>,
-    pub mem: GuestMem,
-    pub cfg: VfConfig,
-    /// Tail kicks waiting for the datapath worker, one at most per queue and direction.
-    pub kicks: Kicks,
-    /// Bounds the received frames waiting for the datapath worker.
-    pub rx_gate: Arc<RxGate>,
-}
-
-impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, VfState> {
-        // A panic in a worker must not take the device down with poisoned state errors.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-pub(crate) enum Work {
-    /// ATQT moved: process the transmit admin queue.
-    Atq,
-    /// ARQT moved: buffers were returned, deliver what is waiting.
-    Arq,
-    /// The PF resets the VF on its own (RESET_IMPENDING first).
-    PfReset,
-    /// The device is being dropped. (Channel disconnection cannot signal it: reset handles keep senders.)
-    Stop,
-}
-
+/// A PF-initiated reset requested from another thread (a signal handler thread, say).
 #[derive(Clone)]
-pub struct PfResetHandle(Option<Sender<Work>>);
+pub struct PfResetHandle(Sender<AqWork>);
 
 impl PfResetHandle {
     pub fn trigger(&self) {
-        if let Some(tx) = &self.0 {
-            let _ = tx.send(Work::PfReset);
-        }
+        let _ = self.0.send(AqWork::PfReset);
     }
 }
 
+/// Statistics and counters, readable while the device runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub eth: EthStats,
+    pub queues: Vec<QueueStats>,
+    pub counters: Counters,
+}
+
 pub struct I40eVf {
-    shared: Arc<Shared>,
-    work: Option<Sender<Work>>,
-    dp: Option<Sender<DpWork>>,
-    workers: Vec<JoinHandle<()>>,
-    doorbells: Option<Arc<DoorbellPage>>,
+    core: Arc<Core>,
+    workers: Workers,
 }
 
 impl I40eVf {
     pub fn new(cfg: VfConfig, mem: GuestMem) -> Self {
-        let mut state = VfState::power_on(&cfg);
         let doorbells =
             cfg.mmap_doorbells.then(|| Arc::new(DoorbellPage::new().expect("creating the doorbell page memfd")));
-        state.doorbells = doorbells.clone();
         if doorbells.is_some() {
             log::info!(
                 "doorbells: BAR0 0x0-0xfff (QTX_TAIL) is an mmap area, polled every {:?}",
-                datapath::POLL_INTERVAL
+                worker::POLL_INTERVAL
             );
         }
-        let shared =
-            Arc::new(Shared { state: Mutex::new(state), mem, cfg, kicks: Kicks::default(), rx_gate: Arc::default() });
-        let (tx, rx) = unbounded();
-        let s = shared.clone();
-        let aq = std::thread::Builder::new()
-            .name("vf-aq".into())
-            .spawn(move || aq::worker(s, rx))
-            .expect("spawning the admin queue worker");
-        let (dtx, drx) = unbounded();
-        let s = shared.clone();
-        let dp = std::thread::Builder::new()
-            .name("vf-datapath".into())
-            .spawn(move || datapath::worker(s, drx))
-            .expect("spawning the datapath worker");
-        I40eVf { shared, work: Some(tx), dp: Some(dtx), workers: vec![aq, dp], doorbells }
+        let core = Arc::new(Core::new(cfg, mem, doorbells));
+        let workers = Workers::spawn(&core);
+        I40eVf { core, workers }
+    }
+
+    /// A device built from saved state and new resources (guest memory here; eventfds and the sink are given
+    /// afterwards). The state is checked against `cfg` first. The device comes back paused: give it its
+    /// resources, then [`I40eVf::resume`]. Nothing is written to guest memory.
+    pub fn restore(cfg: VfConfig, mem: GuestMem, state: &DeviceState) -> Result<Self, StateError> {
+        state.validate(&cfg)?;
+        let vf = I40eVf::new(cfg, mem);
+        vf.pause();
+        vf.load(state)?;
+        Ok(vf)
     }
 
     pub fn mac(&self) -> [u8; 6] {
-        self.shared.cfg.mac
+        self.core.cfg.mac
+    }
+
+    pub fn config(&self) -> &VfConfig {
+        &self.core.cfg
+    }
+
+    /// What a destination must match: sent first, so an incompatible one can refuse before the guest stops.
+    pub fn identity(&self) -> Identity {
+        Identity::of(&self.core.cfg)
     }
 
     /// A VF reset the PF starts on its own: the driver gets RESET_IMPENDING, then the reset happens.
     pub fn pf_reset(&self) {
-        self.kick(Work::PfReset);
+        let _ = self.workers.aq.send(AqWork::PfReset);
+    }
+
+    /// A handle that starts [`I40eVf::pf_reset`] from another thread.
+    pub fn pf_reset_handle(&self) -> PfResetHandle {
+        PfResetHandle(self.workers.aq.clone())
     }
 
     /// Sends every transmitted frame to `sink` from now on.
     pub fn set_sink(&self, sink: Arc<dyn FrameSink>) {
-        self.shared.lock().sink = sink;
+        self.core.lock().sink = sink;
     }
 
     /// Where frames from the wire enter the device.
     pub fn rx_port(&self) -> RxPort {
-        RxPort {
-            work: self.dp.clone().expect("datapath worker runs while the device exists"),
-            gate: self.shared.rx_gate.clone(),
-        }
+        RxPort { work: self.workers.dp.clone(), gate: self.core.rx_gate.clone() }
     }
 
     /// Messages waiting for the datapath worker (tail kicks, received frames): a diagnostic for tests and logs.
     pub fn datapath_backlog(&self) -> usize {
-        self.dp.as_ref().map_or(0, |d| d.len())
+        self.workers.dp.len()
     }
+
+    pub fn stats(&self) -> Stats {
+        let mut st = self.core.lock();
+        self.core.fold_port_drops(&mut st);
+        let n = &st.nic;
+        Stats { eth: n.pf.stats, queues: n.queues.iter().map(|q| q.stats).collect(), counters: n.counters }
+    }
+
+    // ---- pause, resume, save, load --------------------------------------------------------------------------
+
+    /// Starts a pause and returns at once: from now on no interrupt is delivered (they pend), frames from the
+    /// backend are dropped and counted, and BAR0 writes are held. The workers finish the work already queued (so
+    /// DMA may still happen until [`I40eVf::is_paused`]) and park. Never blocks, so the thread that serves the
+    /// client's DMA replies may call it.
+    pub fn request_pause(&self) {
+        if !self.core.pause.request() {
+            return;
+        }
+        *self.core.rx_gate.paused.write().unwrap_or_else(|e| e.into_inner()) = true;
+        self.core.lock().irq.freeze();
+        let _ = self.workers.aq.send(AqWork::Pause);
+        let _ = self.workers.dp.send(DpWork::Pause);
+    }
+
+    /// The pause is complete: both workers are parked; the device makes no DMA, raises no interrupt and changes
+    /// no state until [`I40eVf::resume`].
+    pub fn is_paused(&self) -> bool {
+        self.core.pause.requested() && self.core.pause.parked() == worker::COUNT
+    }
+
+    /// Whether a pause was requested (complete or not).
+    pub fn pause_requested(&self) -> bool {
+        self.core.pause.requested()
+    }
+
+    /// [`I40eVf::request_pause`], then waits until it is complete. Not for the thread that serves DMA replies for
+    /// fd-less guest memory: a worker may be waiting for one.
+    pub fn pause(&self) {
+        self.request_pause();
+        while !self.core.pause.wait_parked(worker::COUNT, Duration::from_secs(10)) {
+            log::warn!("pausing: a device worker has been busy for 10 s (waiting for a DMA reply?)");
+        }
+    }
+
+    /// Ends a pause: frames are accepted again, held writes (and a held FLR) are applied in order, pending
+    /// interrupts are delivered where the client's masks allow, and every queue is kicked once so a restored
+    /// state picks up where it stopped.
+    pub fn resume(&self) {
+        if !self.core.pause.requested() {
+            return;
+        }
+        self.core.pause.release();
+        *self.core.rx_gate.paused.write().unwrap_or_else(|e| e.into_inner()) = false;
+        let (writes, flr) = {
+            let mut st = self.core.lock();
+            self.core.fold_port_drops(&mut st);
+            (std::mem::take(&mut st.nic.held_writes), std::mem::take(&mut st.nic.held_flr))
+        };
+        if flr {
+            log::info!("function level reset requested while paused: carried out now");
+            self.core.lock().reset(&self.core.cfg);
+        }
+        if !writes.is_empty() {
+            log::info!("applying {} BAR0 writes held while paused", writes.len());
+        }
+        for (off, val) in writes {
+            self.reg_write(u64::from(off), val);
+        }
+        self.core.lock().irq.thaw();
+        let _ = self.workers.aq.send(AqWork::Atq);
+        let _ = self.workers.aq.send(AqWork::Arq);
+        for q in 0..self.core.cfg.queue_pairs {
+            self.kick_tail(q, false);
+            self.kick_tail(q, true);
+        }
+        if self.core.doorbells.is_some() {
+            let _ = self.workers.dp.send(DpWork::Poll);
+        }
+    }
+
+    /// The device's state as plain data; needs a complete pause.
+    pub fn save(&self) -> Result<DeviceState, StateError> {
+        if !self.is_paused() {
+            return Err(StateError::NotPaused);
+        }
+        let mut st = self.core.lock();
+        self.core.fold_port_drops(&mut st);
+        Ok(st.save(&self.core.cfg))
+    }
+
+    /// Replaces the device's state with `state` (checked against this device's configuration first; on error
+    /// nothing changes). Needs a complete pause; the client's eventfds and the packet sink stay. Nothing is
+    /// written to guest memory.
+    pub fn load(&self, state: &DeviceState) -> Result<(), StateError> {
+        if !self.is_paused() {
+            return Err(StateError::NotPaused);
+        }
+        self.core.lock().load(&self.core.cfg, state)?;
+        // Frames counted by the port before the load belong to the state that was replaced.
+        self.core.rx_gate.dropped.store(0, Ordering::Relaxed);
+        self.core.rx_gate.dropped_paused.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    // ---- registers ------------------------------------------------------------------------------------------
 
     /// Kicks the datapath worker for a TX (`rx` false) or RX tail write, unless a kick for that queue waits already.
     fn kick_tail(&self, q: u16, rx: bool) {
         let (flags, w) =
-            if rx { (&self.shared.kicks.rx, DpWork::RxTail(q)) } else { (&self.shared.kicks.tx, DpWork::Tx(q)) };
+            if rx { (&self.core.kicks.rx, DpWork::RxTail(q)) } else { (&self.core.kicks.tx, DpWork::Tx(q)) };
         if Kicks::arm(flags, q) {
-            if let Some(dp) = &self.dp {
-                let _ = dp.send(w);
-            }
-        }
-    }
-
-    /// A handle that starts [`I40eVf::pf_reset`] from another thread (a signal handler thread, say).
-    pub fn pf_reset_handle(&self) -> PfResetHandle {
-        PfResetHandle(self.work.clone())
-    }
-
-    fn kick(&self, w: Work) {
-        if let Some(tx) = &self.work {
-            let _ = tx.send(w);
+            let _ = self.workers.dp.send(w);
         }
     }
 
     fn bar0_read(&self, offset: u64, out: &mut [u8]) {
-        if let Some(page) = self.doorbells.as_ref().filter(|_| offset < DOORBELL_PAGE) {
+        if let Some(page) = self.core.doorbells.as_ref().filter(|_| offset < DOORBELL_PAGE) {
             let n = out.len().min((DOORBELL_PAGE - offset) as usize);
             page.read(offset, &mut out[..n]);
             if n < out.len() {
@@ -340,14 +238,15 @@ impl I40eVf {
             }
             return;
         }
-        let mut st = self.shared.lock();
+        let paused = self.core.pause.requested();
+        let mut st = self.core.lock();
         let first = offset & !3;
         let end = offset + out.len() as u64;
         let mut dw = first;
         while dw < end {
-            let v = if is_register(dw) { st.regs.get(dw) } else { 0 };
-            if dw == VFINT_ICR01 {
-                st.regs.set(VFINT_ICR01, 0); // clear on read
+            let v = if is_register(dw) { st.nic.regs.get(dw) } else { 0 };
+            if dw == VFINT_ICR01 && !paused {
+                st.nic.regs.set(VFINT_ICR01, 0); // clear on read (not while paused: no side effects then)
             }
             for (i, b) in v.to_le_bytes().iter().enumerate() {
                 let at = dw + i as u64;
@@ -364,10 +263,25 @@ impl I40eVf {
             log::warn!("BAR0 write of {} bytes at {offset:#x}: registers are 32-bit; ignored", data.len());
             return Err(Errno::EINVAL);
         }
+        let values = data.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()));
+        if self.core.pause.requested() {
+            let mut st = self.core.lock();
+            for (i, v) in values.enumerate() {
+                if st.nic.held_writes.len() >= MAX_HELD_WRITES {
+                    st.nic.counters.held_writes_dropped += 1;
+                    log::warn!("paused: {MAX_HELD_WRITES} BAR0 writes already held; one more dropped");
+                    continue;
+                }
+                let off = offset + 4 * i as u64;
+                if is_register(off) {
+                    st.nic.held_writes.push((off as u32, v));
+                }
+            }
+            return Ok(());
+        }
         self.wake_poller();
-        for (i, chunk) in data.chunks_exact(4).enumerate() {
-            let off = offset + 4 * i as u64;
-            self.reg_write(off, u32::from_le_bytes(chunk.try_into().unwrap()));
+        for (i, v) in values.enumerate() {
+            self.reg_write(offset + 4 * i as u64, v);
         }
         Ok(())
     }
@@ -375,18 +289,16 @@ impl I40eVf {
     /// `--doorbells mmap`: a trapped write is the driver's sign of life after ENABLE_QUEUES (ARQT, DYN_CTL
     /// re-arms); it starts the datapath worker polling the doorbell page if it was blocked.
     fn wake_poller(&self) {
-        let Some(page) = &self.doorbells else { return };
-        let st = self.shared.lock();
-        if st.pf.tx_enabled != 0 && !page.polling.swap(true, Ordering::Relaxed) {
+        let Some(page) = &self.core.doorbells else { return };
+        let st = self.core.lock();
+        if st.nic.pf.tx_enabled != 0 && !page.polling.swap(true, Ordering::Relaxed) {
             drop(st);
-            if let Some(dp) = &self.dp {
-                let _ = dp.send(DpWork::Poll);
-            }
+            let _ = self.workers.dp.send(DpWork::Poll);
         }
     }
 
     fn reg_write(&self, off: u64, val: u32) {
-        if let Some(page) = self.doorbells.as_ref().filter(|_| off < DOORBELL_PAGE) {
+        if let Some(page) = self.core.doorbells.as_ref().filter(|_| off < DOORBELL_PAGE) {
             // The page is shared memory: what the client stores there directly and what arrives trapped are one.
             page.write(off, &val.to_le_bytes());
             if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) {
@@ -398,97 +310,88 @@ impl I40eVf {
             log::trace!("BAR0 write {val:#x} to unimplemented offset {off:#x} ignored");
             return;
         }
-        let mut st = self.shared.lock();
+        let mut st = self.core.lock();
+        let regs = &mut st.nic.regs;
         match off {
             VFGEN_RSTAT | VFINT_ICR01 => {}
             VF_ATQLEN1 | VF_ARQLEN1 => {
-                let was = st.regs.get(off);
+                let was = regs.get(off);
                 let v = (val & (AQ_LEN_MASK | AQ_ENABLE)) | (was & AQ_ERR_BITS & !val);
-                st.regs.set(off, v);
+                regs.set(off, v);
+                let q = if off == VF_ATQLEN1 { "ATQ" } else { "ARQ" };
                 if v & AQ_ENABLE != 0 && was & AQ_ENABLE == 0 {
-                    let q = if off == VF_ATQLEN1 { "ATQ" } else { "ARQ" };
                     log::info!("VF driver enabled the admin queue {q}: {} entries", v & AQ_LEN_MASK);
                 } else if v & AQ_ENABLE == 0 && was & AQ_ENABLE != 0 {
-                    log::info!(
-                        "VF driver disabled the admin queue ({})",
-                        if off == VF_ATQLEN1 { "ATQ" } else { "ARQ" }
-                    );
+                    log::info!("VF driver disabled the admin queue ({q})");
                 }
             }
-            VF_ATQH1 | VF_ARQH1 => st.regs.set(off, val & AQ_LEN_MASK),
-            VF_ARQT1 => {
-                st.regs.set(off, val & AQ_LEN_MASK);
+            VF_ATQH1 | VF_ARQH1 => regs.set(off, val & AQ_LEN_MASK),
+            VF_ARQT1 | VF_ATQT1 => {
+                regs.set(off, val & AQ_LEN_MASK);
                 drop(st);
-                self.kick(Work::Arq);
-            }
-            VF_ATQT1 => {
-                st.regs.set(off, val & AQ_LEN_MASK);
-                drop(st);
-                self.kick(Work::Atq);
+                let _ = self.workers.aq.send(if off == VF_ATQT1 { AqWork::Atq } else { AqWork::Arq });
             }
             _ if (QRX_TAIL1..QRX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
                 // Latched even before the queue is configured: iavf writes it first.
-                st.regs.set(off, val);
+                regs.set(off, val);
                 drop(st);
                 self.kick_tail(((off - QRX_TAIL1) / 4) as u16, true);
             }
             _ if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
-                st.regs.set(off, val);
+                regs.set(off, val);
                 drop(st);
                 self.kick_tail(((off - QTX_TAIL1) / 4) as u16, false);
             }
             VFINT_DYN_CTL01 => {
-                st.regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
+                regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
                 st.write_dyn_ctl(0, val);
             }
             _ if (VFINT_DYN_CTLN1..VFINT_DYN_CTLN1 + 4 * MAX_QUEUES).contains(&off) => {
-                st.regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
-                let v = ((off - VFINT_DYN_CTLN1) / 4 + 1) as usize;
-                if v < st.intena.len() {
-                    st.write_dyn_ctl(v, val);
-                }
+                regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
+                st.write_dyn_ctl(((off - VFINT_DYN_CTLN1) / 4 + 1) as usize, val);
             }
             VFINT_ICR0_ENA1 => {
-                st.regs.set(off, val);
-                let fire = st.regs.get(VFINT_ICR01) & val != 0;
-                if fire {
-                    st.pending[0] = true;
-                    if st.intena[0] {
+                regs.set(off, val);
+                if regs.get(VFINT_ICR01) & val != 0 {
+                    st.nic.vectors[0].pending = true;
+                    if st.nic.vectors[0].intena {
                         st.raise(0);
                     }
                 }
             }
-            _ => st.regs.set(off, val),
+            _ => regs.set(off, val),
         }
     }
 
     fn config_write(&self, offset: u64, data: &[u8]) {
-        let mut st = self.shared.lock();
-        let old_cmd = st.config.u16(pci::CMD);
+        let mut st = self.core.lock();
+        let old_cmd = st.config.u16(pci::config::CMD);
         st.config.write(offset as usize, data);
-        let cmd = st.config.u16(pci::CMD);
+        let cmd = st.config.u16(pci::config::CMD);
         if cmd != old_cmd {
             log::debug!("PCI command register {old_cmd:#06x} -> {cmd:#06x}");
         }
-        let devctl = st.config.u16(pci::PCIE_DEVCTL);
-        if devctl & pci::PCIE_DEVCTL_FLR != 0 {
-            log::info!("function level reset requested through PCIe Device Control");
-            st.reset(&self.shared.cfg);
+        let devctl = st.config.u16(pci::config::PCIE_DEVCTL);
+        if devctl & pci::config::PCIE_DEVCTL_FLR != 0 {
+            if self.core.pause.requested() {
+                // Writes held before it would be wiped by it; those after it still apply.
+                log::info!("function level reset requested while paused: held until resume");
+                let cleared = devctl & !pci::config::PCIE_DEVCTL_FLR;
+                st.config.set_bytes(pci::config::PCIE_DEVCTL, &cleared.to_le_bytes());
+                st.nic.held_writes.clear();
+                st.nic.held_flr = true;
+            } else {
+                log::info!("function level reset requested through PCIe Device Control");
+                st.reset(&self.core.cfg);
+            }
         }
     }
 }
 
 impl Drop for I40eVf {
     fn drop(&mut self) {
-        if let Some(w) = self.work.take() {
-            let _ = w.send(Work::Stop);
-        }
-        if let Some(d) = self.dp.take() {
-            let _ = d.send(DpWork::Stop);
-        }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
+        self.core.pause.release(); // parked workers must see the stop message
+        self.workers.stop();
     }
 }
 
@@ -498,13 +401,13 @@ impl VfioDevice for I40eVf {
     }
 
     fn num_irqs(&self) -> u32 {
-        irq::NUM_IRQS
+        msix::NUM_IRQS
     }
 
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         let rw = |size| RegionInfo { size, read: true, write: true, mmap_areas: vec![] };
         match index {
-            0 if self.doorbells.is_some() => {
+            0 if self.core.doorbells.is_some() => {
                 Some(RegionInfo { mmap_areas: vec![(0, DOORBELL_PAGE)], ..rw(pci::BAR0_SIZE) })
             }
             0 => Some(rw(pci::BAR0_SIZE)),
@@ -516,16 +419,16 @@ impl VfioDevice for I40eVf {
     }
 
     fn region_mmap(&self, index: u32) -> Option<RegionMmap<'_>> {
-        let page = self.doorbells.as_ref().filter(|_| index == 0)?;
+        let page = self.core.doorbells.as_ref().filter(|_| index == 0)?;
         Some(RegionMmap { fd: page.fd(), offset: 0 })
     }
 
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
         let efd = |count, maskable| IrqInfo { count, eventfd: true, maskable, ..Default::default() };
         match index {
-            irq::INTX | irq::MSI => Some(IrqInfo { count: 0, ..Default::default() }),
-            irq::MSIX => Some(efd(u32::from(self.shared.cfg.msix_vectors()), true)),
-            irq::ERR | irq::REQ => Some(efd(1, false)),
+            msix::INTX | msix::MSI => Some(IrqInfo { count: 0, ..Default::default() }),
+            msix::MSIX => Some(efd(u32::from(self.core.cfg.msix_vectors()), true)),
+            msix::ERR | msix::REQ => Some(efd(1, false)),
             _ => None,
         }
     }
@@ -533,8 +436,8 @@ impl VfioDevice for I40eVf {
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> DevResult<()> {
         match index {
             0 => self.bar0_read(offset, data),
-            3 => self.shared.lock().irq.bar_read(offset, data),
-            CONFIG_REGION => self.shared.lock().config.read(offset as usize, data),
+            3 => self.core.lock().irq.bar_read(offset, data),
+            CONFIG_REGION => self.core.lock().config.read(offset as usize, data),
             _ => return Err(Errno::EINVAL),
         }
         Ok(())
@@ -543,7 +446,7 @@ impl VfioDevice for I40eVf {
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> DevResult<()> {
         match index {
             0 => return self.bar0_write(offset, data),
-            3 => self.shared.lock().irq.bar_write(offset, data),
+            3 => self.core.lock().irq.bar_write(offset, data),
             CONFIG_REGION => self.config_write(offset, data),
             _ => return Err(Errno::EINVAL),
         }
@@ -551,19 +454,24 @@ impl VfioDevice for I40eVf {
     }
 
     fn set_irqs(&mut self, index: u32, action: IrqAction, start: u32, count: u32, data: IrqData) -> DevResult<()> {
-        self.shared.lock().irq.set_irqs(index, action, start, count, data)
+        self.core.lock().irq.set_irqs(index, action, start, count, data)
     }
 
     fn reset(&mut self) {
         log::info!("device reset");
-        self.shared.lock().reset(&self.shared.cfg);
+        self.core.lock().reset(&self.core.cfg);
     }
 
     fn client_gone(&mut self) {
-        let mut st = self.shared.lock();
+        let mut st = self.core.lock();
         st.irq.forget_client();
-        let per_queue: Vec<String> =
-            st.queue_frames.iter().enumerate().map(|(q, (rx, tx))| format!("q{q} rx {rx} tx {tx}")).collect();
+        let per_queue: Vec<String> = st
+            .nic
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(q, s)| format!("q{q} rx {} tx {}", s.stats.rx_frames, s.stats.tx_frames))
+            .collect();
         log::info!("frames per queue: {}", per_queue.join(", "));
     }
 }
@@ -619,7 +527,7 @@ mod tests {
         let mut d = vf();
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        d.set_irqs(irq::MSIX, IrqAction::Trigger, 0, 1, IrqData::Eventfd(vec![a.into()])).unwrap();
+        d.set_irqs(msix::MSIX, IrqAction::Trigger, 0, 1, IrqData::Eventfd(vec![a.into()])).unwrap();
         wr(&mut d, 0, VFINT_DYN_CTL01, DYN_INTENA | DYN_SWINT_TRIG);
         let mut buf = [0u8; 64];
         assert_eq!(std::io::Read::read(&mut &b, &mut buf).unwrap(), 8);
@@ -641,9 +549,12 @@ mod tests {
         assert_eq!(rd(&mut d, 0, VF_ATQLEN1), 0);
         assert_eq!(rd(&mut d, CONFIG_REGION, 4) & 0xffff, 0);
         wr(&mut d, 0, VF_ARQLEN1, 32 | AQ_ENABLE);
-        let devctl = rd(&mut d, CONFIG_REGION, pci::PCIE_DEVCTL as u64);
-        wr(&mut d, CONFIG_REGION, pci::PCIE_DEVCTL as u64, devctl | u32::from(pci::PCIE_DEVCTL_FLR));
+        let devctl = rd(&mut d, CONFIG_REGION, pci::config::PCIE_DEVCTL as u64);
+        wr(&mut d, CONFIG_REGION, pci::config::PCIE_DEVCTL as u64, devctl | u32::from(pci::config::PCIE_DEVCTL_FLR));
         assert_eq!(rd(&mut d, 0, VF_ARQLEN1), 0);
-        assert_eq!(rd(&mut d, CONFIG_REGION, pci::PCIE_DEVCTL as u64) & u32::from(pci::PCIE_DEVCTL_FLR), 0);
+        assert_eq!(
+            rd(&mut d, CONFIG_REGION, pci::config::PCIE_DEVCTL as u64) & u32::from(pci::config::PCIE_DEVCTL_FLR),
+            0
+        );
     }
 }

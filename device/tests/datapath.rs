@@ -4,10 +4,11 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use device::driver_model::{self as dm, Bus, DriverModel, VfBus};
-use device::regs::*;
-use device::virtchnl::*;
-use device::{irq, IrqAction, IrqData, VfConfig, VfioDevice};
+use device::nic::regs::*;
+use device::nic::virtchnl::*;
+use device::pci::msix as irq;
+use device::{IrqAction, IrqData, VfConfig, VfioDevice};
+use testkit::{self as dm, Bus, DriverModel, VfBus};
 
 const BUFS: u64 = 0x30_0000;
 
@@ -229,8 +230,8 @@ fn hostile_rx_descriptor_disables_the_queue() {
 /// Every transmitted frame comes back: the datapath end to end through a sink.
 #[test]
 fn transmitted_frames_reach_the_sink() {
-    struct Loop(device::net::RxPort);
-    impl device::net::FrameSink for Loop {
+    struct Loop(device::RxPort);
+    impl device::FrameSink for Loop {
         fn transmit(&self, frame: &[u8]) {
             let mut f = frame.to_vec();
             f[..6].copy_from_slice(&OUR_MAC);
@@ -309,7 +310,7 @@ fn dm_pattern(n: usize) -> Vec<u8> {
 fn tso_frames_leave_as_segments() {
     use std::sync::{Arc, Mutex};
     struct Capture(Mutex<Vec<Vec<u8>>>);
-    impl device::net::FrameSink for Capture {
+    impl device::FrameSink for Capture {
         fn transmit(&self, frame: &[u8]) {
             self.0.lock().unwrap().push(frame.to_vec());
         }
@@ -436,7 +437,7 @@ fn up_trapped() -> (DriverModel<VfBus>, std::sync::Arc<Trap>) {
     use std::sync::{Arc, Mutex};
     let _ = env_logger::builder().is_test(true).try_init();
     let mem = device::mem::GuestMem::new();
-    let ram = Arc::new(dm::Ram(Mutex::new(vec![0; dm::TESTBED_RAM as usize])));
+    let ram = Arc::new(dm::Ram::new(dm::TESTBED_RAM));
     let trap = Arc::new(Trap { ram: ram.clone(), at: Mutex::new(None) });
     mem.map(0, dm::TESTBED_RAM, true, true, None).unwrap();
     mem.set_transport(Some(trap.clone()));
@@ -501,7 +502,7 @@ struct Stall {
     release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
-impl device::net::FrameSink for Stall {
+impl device::FrameSink for Stall {
     fn transmit(&self, _frame: &[u8]) {
         let _ = self.entered.lock().unwrap().send(());
         let _ = self.release.lock().unwrap().recv();

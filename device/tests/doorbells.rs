@@ -7,11 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use device::driver_model::{self as dm, Bus, DriverModel, VfBus};
 use device::mem::GuestMem;
-use device::regs::*;
-use device::virtchnl::OP_GET_STATS;
+use device::nic::regs::*;
+use device::nic::virtchnl::OP_GET_STATS;
 use device::{I40eVf, VfConfig, VfioDevice};
+use testkit::{self as dm, Bus, DriverModel, VfBus};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, VolatileMemory};
 

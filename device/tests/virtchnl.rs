@@ -4,12 +4,12 @@
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use device::aq::{Desc, FLAG_CMP, FLAG_DD, FLAG_ERR, OP_QUEUE_SHUTDOWN};
-use device::driver_model::{self as dm, Bus, DriverModel, VfBus};
-use device::irq;
-use device::regs::*;
-use device::virtchnl::*;
+use device::nic::adminq::{Desc, FLAG_CMP, FLAG_DD, FLAG_ERR, OP_QUEUE_SHUTDOWN};
+use device::nic::regs::*;
+use device::nic::virtchnl::*;
+use device::pci::msix as irq;
 use device::{IrqAction, IrqData, VfConfig, VfioDevice};
+use testkit::{self as dm, Bus, DriverModel, VfBus};
 
 const RINGS: u64 = dm::RINGS;
 const SEC: Duration = Duration::from_secs(2);

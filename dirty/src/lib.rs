@@ -3,6 +3,8 @@
 //! Every DMA write into guest memory goes through the device's memory accessor, which marks the pages it touched
 //! here. The bitmap is lock-free so device workers can mark while the protocol thread harvests.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One bit per page of a contiguous range of guest memory.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use device::mem::GuestMem;
-use device::virtchnl::LinkSpeed;
+use device::nic::virtchnl::LinkSpeed;
 use device::{I40eVf, VfConfig};
 use server::backend::{Backend, BackendSpec};
 use server::{sys, Endpoint, Limits, Server};

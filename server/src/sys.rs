@@ -111,7 +111,7 @@ pub fn signal_pipe() -> io::Result<UnixStream> {
 }
 
 /// SIGUSR1 starts a PF-initiated VF reset, handled on a thread of its own.
-pub fn on_sigusr1(handle: device::vf::PfResetHandle) -> io::Result<()> {
+pub fn on_sigusr1(handle: device::PfResetHandle) -> io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])?;
     std::thread::Builder::new().name("sigusr1".into()).spawn(move || {
         for _ in signals.forever() {

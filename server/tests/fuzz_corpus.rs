@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use device::driver_model::{msg_config_queues, msg_eth_addrs, msg_irq_map, msg_queue_select, msg_version};
 use device::fuzz::{MEM_A, MEM_B};
-use device::virtchnl::*;
+use device::nic::virtchnl::*;
+use testkit::{msg_config_queues, msg_eth_addrs, msg_irq_map, msg_queue_select, msg_version};
 
 type Target = fn(&[u8]);
 

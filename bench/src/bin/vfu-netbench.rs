@@ -33,16 +33,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
-use device::driver_model::{self as dm, Bus, DriverModel};
 use device::mem::{DmaTransport, GuestMem};
-use device::offload::{RXD_QW1_ERROR_IPE, RXD_QW1_ERROR_L4E, RXD_QW1_STATUS_L3L4P};
-use device::regs::{QRX_TAIL1, QTX_TAIL1};
-use device::virtchnl::*;
+use device::nic::offload::{RXD_QW1_ERROR_IPE, RXD_QW1_ERROR_L4E, RXD_QW1_STATUS_L3L4P};
+use device::nic::regs::{QRX_TAIL1, QTX_TAIL1};
+use device::nic::virtchnl::*;
 use device::{I40eVf, VfConfig, VfioDevice};
 use rustix::process::{kill_process, Pid, Signal};
 use rustix::thread::{move_into_link_name_space, sched_getaffinity, sched_setaffinity, CpuSet, LinkNameSpaceType};
 use server::backend::{Backend, BackendSpec};
 use sha2::{Digest, Sha256};
+use testkit::{self as dm, Bus, DriverModel};
 
 type Res<T> = Result<T, String>;
 
@@ -493,7 +493,7 @@ impl Rig {
 
 /// iavf's probe for one queue pair with 512-entry rings and RSS on (key, LUT, every hash type the PF offers).
 fn bring_up(d: &mut DriverModel<BenchBus>) -> Res<[u8; 6]> {
-    let ok = |what: &str, m: device::aq::ArqMsg| {
+    let ok = |what: &str, m: device::nic::adminq::ArqMsg| {
         if m.status == 0 {
             Ok(m)
         } else {

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use device::net::{FrameSink, RxPort};
+use device::{FrameSink, RxPort};
 
 use self::pcap::PcapWriter;
 

@@ -3,7 +3,7 @@
 //!
 //! Pure functions over byte slices; hostile frames yield `None`, never a panic.
 
-use crate::offload::parse_ip;
+use crate::nic::offload::parse_ip;
 
 /// The i40e packet classifier type a frame is hashed as. Each maps to one HENA bit (`enum i40e_filter_pctype` in
 /// Linux `i40e_type.h`, the same values as `iavf_filter_pctype` in `iavf_type.h`).
@@ -116,7 +116,7 @@ pub fn queue_for(hash: u32, lut: &[u8]) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offload::test_frames::{build, Spec};
+    use crate::nic::offload::test_frames::{build, Spec};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     /// The key of Microsoft's "Verifying the RSS Hash Calculation".

@@ -3,7 +3,10 @@
 //! Pure logic over byte buffers: no registers, no guest memory, so every op, including malformed ones, is unit
 //! tested directly. The admin queue engine (`aq.rs`) carries the bytes.
 
-use crate::wire_le::{get_u16, get_u32, get_u64};
+use serde::{Deserialize, Serialize};
+
+use crate::nic::le::{get_u16, get_u32, get_u64};
+use crate::nic::stats::EthStats;
 
 pub const OP_VERSION: u32 = 1;
 pub const OP_RESET_VF: u32 = 2;
@@ -67,14 +70,16 @@ const MAX_FRAME: u32 = 9728;
 pub const MAX_MACS: usize = 64;
 
 /// A TX queue as CONFIG_VSI_QUEUES set it up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxQueue {
     pub ring: u64,
     pub len: u32,
 }
 
 /// An RX queue as CONFIG_VSI_QUEUES set it up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RxQueue {
     pub ring: u64,
     pub len: u32,
@@ -83,7 +88,8 @@ pub struct RxQueue {
 }
 
 /// Link speed in Mbps, as `--link-speed` gives it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkSpeed(pub u32);
 
 impl LinkSpeed {
@@ -106,7 +112,8 @@ impl LinkSpeed {
 }
 
 /// The PF's view of its one VF. Everything but the negotiated version goes back to defaults on a VF reset.
-#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pf {
     pub mac: [u8; 6],
     pub queue_pairs: u16,
@@ -125,7 +132,9 @@ pub struct Pf {
     pub rss_key: Vec<u8>,
     pub rss_lut: Vec<u8>,
     pub hena: u64,
-    pub stats: [u64; 12],
+    pub stats: EthStats,
+    /// The link as the PF reports it (up unless a fault or the control interface takes it down).
+    pub link_up: bool,
 }
 
 /// What the PF wants done after an op, besides its reply.
@@ -184,15 +193,79 @@ impl Pf {
             rss_lut: (0..RSS_LUT_SIZE).map(|i| (i % n.max(1)) as u8).collect(),
             // The i40e PF programs its default hash types at VSI setup; iavf never sends SET_RSS_HENA itself.
             hena: HENA_CAPS,
-            stats: [0; 12],
+            stats: EthStats::default(),
+            link_up: true,
         }
     }
 
-    /// VF reset: forget everything the driver configured, remember the negotiated version.
+    /// VF reset: forget everything the driver configured, remember the negotiated version and the link.
     pub fn reset(&mut self) {
-        let version = self.version;
+        let (version, link_up) = (self.version, self.link_up);
         *self = Pf::new(self.mac, self.queue_pairs, self.max_vectors, self.link_speed);
         self.version = version;
+        self.link_up = link_up;
+    }
+
+    /// Checks a PF state that came from outside (a migration stream) for everything the device relies on: the
+    /// same rules virtchnl enforces when the driver configures it.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = self.queue_pairs as usize;
+        let all = (1u32 << n) - 1;
+        if self.version.is_some_and(|v| v > (1, 1)) {
+            return Err(format!("virtchnl version {:?} is newer than 1.1", self.version));
+        }
+        if self.caps & !CAPS_IMPLEMENTED != 0 {
+            return Err(format!("granted caps {:#x} include some this PF lacks", self.caps));
+        }
+        if self.tx.len() != n || self.rx.len() != n || self.irq_map.len() != self.max_vectors as usize {
+            return Err("queue or vector tables of the wrong length".into());
+        }
+        for (i, t) in self.tx.iter().enumerate() {
+            if let Some(t) = t {
+                if !ring_ok(t.len, t.ring) {
+                    return Err(format!("TX queue {i}: ring of {} at {:#x}", t.len, t.ring));
+                }
+            }
+        }
+        for (i, r) in self.rx.iter().enumerate() {
+            if let Some(r) = r {
+                rx_queue_ok(r).map_err(|e| format!("RX queue {i}: {e}"))?;
+            }
+        }
+        if self.irq_map.iter().any(|&(rx, tx)| u32::from(rx | tx) & !all != 0) {
+            return Err("IRQ map names a queue past the VF's".into());
+        }
+        let configured =
+            |qs: &mut dyn Iterator<Item = bool>| qs.enumerate().fold(0u32, |m, (i, c)| m | (u32::from(c) << i));
+        let (tx_cfg, rx_cfg) = (
+            configured(&mut self.tx.iter().map(Option::is_some)),
+            configured(&mut self.rx.iter().map(Option::is_some)),
+        );
+        if self.rx_enabled & !rx_cfg != 0 || self.tx_enabled & !tx_cfg != 0 {
+            return Err(format!(
+                "queues enabled (rx {:#x}, tx {:#x}) but not configured",
+                self.rx_enabled, self.tx_enabled
+            ));
+        }
+        if self.macs.len() > MAX_MACS || self.macs.contains(&[0; 6]) {
+            return Err(format!("{} MAC filters (at most {MAX_MACS}, none all-zero)", self.macs.len()));
+        }
+        if self.macs.iter().enumerate().any(|(i, m)| self.macs[..i].contains(m)) {
+            return Err("a MAC filter is listed twice".into());
+        }
+        if self.promisc & !0x3 != 0 {
+            return Err(format!("promiscuous flags {:#x}", self.promisc));
+        }
+        if self.rss_key.len() != RSS_KEY_SIZE || self.rss_lut.len() != RSS_LUT_SIZE {
+            return Err("RSS key or LUT of the wrong size".into());
+        }
+        if self.rss_lut.iter().any(|&q| usize::from(q) >= n) {
+            return Err("RSS LUT names a queue past the VF's".into());
+        }
+        if self.hena & !HENA_CAPS != 0 {
+            return Err(format!("RSS hash types {:#x} outside {HENA_CAPS:#x}", self.hena));
+        }
+        Ok(())
     }
 
     pub fn queues_enabled(&self) -> bool {
@@ -299,20 +372,15 @@ impl Pf {
             if rvsi != VSI_ID || usize::from(rqid) != i {
                 param!("RX queue {i}: vsi {rvsi} qid {rqid}");
             }
-            if !ring_ok(rlen, ring) {
-                param!("RX queue {i}: ring of {rlen} at {ring:#x}");
-            }
             if split != 0 || hdr != 0 || crc != 0 || rxdid > 1 {
                 param!("RX queue {i}: header split {split}/{hdr}, crc_disable {crc}, rxdid {rxdid} not supported");
             }
-            if !(128..=16 * 1024 - 128).contains(&buf) || !buf.is_multiple_of(128) {
-                param!("RX queue {i}: buffer size {buf}");
-            }
-            if !(64..=MAX_FRAME).contains(&max_frame) {
-                param!("RX queue {i}: max frame {max_frame}");
+            let rq = RxQueue { ring, len: rlen, buf_size: buf, max_frame };
+            if let Err(e) = rx_queue_ok(&rq) {
+                param!("RX queue {i}: {e}");
             }
             tx.push(TxQueue { ring: tring, len: u32::from(tlen) });
-            rx.push(RxQueue { ring, len: rlen, buf_size: buf, max_frame });
+            rx.push(rq);
         }
         for (i, (t, r)) in tx.into_iter().zip(rx).enumerate() {
             log::debug!("virtchnl: queue pair {i}: {t:?} {r:?}");
@@ -424,7 +492,7 @@ impl Pf {
         if msg.len() != 12 || get_u16(msg, 0) != VSI_ID {
             param!("GET_STATS of {} bytes", msg.len());
         }
-        Outcome::ok(self.stats.iter().flat_map(|s| s.to_le_bytes()).collect())
+        Outcome::ok(self.stats.to_bytes())
     }
 
     fn rss_key(&mut self, msg: &[u8]) -> Outcome {
@@ -474,7 +542,7 @@ impl Pf {
             return None;
         }
         if let Some(h) = self.rss_hash(frame) {
-            let q = u16::from(crate::rss::queue_for(h, &self.rss_lut));
+            let q = u16::from(crate::nic::rss::queue_for(h, &self.rss_lut));
             if self.rx_enabled & (1 << q) != 0 {
                 return Some(q);
             }
@@ -487,7 +555,7 @@ impl Pf {
         if self.caps & CAP_RSS_PF == 0 {
             return None;
         }
-        crate::rss::hash_frame(&self.rss_key, self.hena, frame).map(|(h, _)| h)
+        crate::nic::rss::hash_frame(&self.rss_key, self.hena, frame).map(|(h, _)| h)
     }
 
     /// EVENT LINK_CHANGE, in the format the granted caps call for.
@@ -518,6 +586,19 @@ fn array_len_ok(len: usize, fixed: usize, elem: usize, n: usize) -> bool {
 
 /// The largest descriptor (RX 32-byte format): the bound for both rings' extent.
 const MAX_DESC_SIZE: u64 = 32;
+
+fn rx_queue_ok(q: &RxQueue) -> Result<(), String> {
+    if !ring_ok(q.len, q.ring) {
+        return Err(format!("ring of {} at {:#x}", q.len, q.ring));
+    }
+    if !(128..=16 * 1024 - 128).contains(&q.buf_size) || !q.buf_size.is_multiple_of(128) {
+        return Err(format!("buffer size {}", q.buf_size));
+    }
+    if !(64..=MAX_FRAME).contains(&q.max_frame) {
+        return Err(format!("max frame {}", q.max_frame));
+    }
+    Ok(())
+}
 
 fn ring_ok(len: u32, addr: u64) -> bool {
     (MIN_RING..=MAX_RING).contains(&len)

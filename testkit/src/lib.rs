@@ -1,16 +1,19 @@
-//! A model of the iavf driver's side of the admin queue: it programs the AQ registers, places descriptors and
-//! buffers in guest memory and exchanges virtchnl messages the way iavf does. Tests drive the device with it,
-//! directly (`VfBus`) or over a vfio-user socket (client-tests implement [`Bus`] on their client).
+//! The test kit: a model of the iavf driver's side of the admin queue (it programs the AQ registers, places
+//! descriptors and buffers in guest memory and exchanges virtchnl messages the way iavf does) and test-bench guest
+//! memory. Tests and benchmarks drive the device with it, directly ([`VfBus`]) or over a vfio-user socket
+//! (client-tests implement [`Bus`] on their client). Not part of the product.
+
+#![forbid(unsafe_code)]
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::aq::{ArqMsg, Desc, FLAG_BUF, FLAG_DD, FLAG_LB, OP_SEND_TO_PF, OP_SEND_TO_VF};
-use crate::mem::{DmaTransport, GuestMem};
-use crate::regs::*;
-use crate::virtchnl::*;
-use crate::{I40eVf, VfConfig, VfioDevice};
+use device::nic::adminq::{ArqMsg, Desc, FLAG_BUF, FLAG_DD, FLAG_LB, OP_SEND_TO_PF, OP_SEND_TO_VF};
+use device::nic::regs::*;
+use device::nic::virtchnl::*;
+use device::{DmaTransport, GuestMem, I40eVf, VfConfig, VfioDevice};
 
 /// Register and memory access as the VF driver has it.
 pub trait Bus {
@@ -283,20 +286,64 @@ pub fn msg_queue_select(rx: u32, tx: u32) -> Vec<u8> {
 }
 
 /// Guest memory of the test bench: a plain buffer the "driver" writes directly and the device reaches through a
-/// DMA transport, as it reaches fd-less QEMU RAM.
-pub struct Ram(pub Mutex<Vec<u8>>);
+/// DMA transport, as it reaches fd-less QEMU RAM. It counts the device's writes, so a test can see that a paused
+/// device writes nothing.
+pub struct Ram {
+    bytes: Mutex<Vec<u8>>,
+    device_writes: AtomicU64,
+}
 
-impl DmaTransport for Ram {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        let v = self.0.lock().unwrap();
+impl Ram {
+    pub fn new(size: u64) -> Self {
+        Ram::from_bytes(vec![0; size as usize])
+    }
+
+    /// Memory with these contents (a copy of another bench's memory, for a migration).
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Ram { bytes: Mutex::new(bytes), device_writes: AtomicU64::new(0) }
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes.lock().unwrap().clone()
+    }
+
+    /// Writes made by the device (through [`DmaTransport`]) so far.
+    pub fn device_writes(&self) -> u64 {
+        self.device_writes.load(Ordering::SeqCst)
+    }
+
+    /// The driver's own access: not counted.
+    pub fn peek(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        let v = self.bytes.lock().unwrap();
         let s = v.get(addr as usize..addr as usize + buf.len()).ok_or(io::ErrorKind::InvalidInput)?;
         buf.copy_from_slice(s);
         Ok(())
     }
-    fn write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
-        let mut v = self.0.lock().unwrap();
+
+    /// The driver's own access: not counted.
+    pub fn poke(&self, addr: u64, data: &[u8]) -> io::Result<()> {
+        let mut v = self.bytes.lock().unwrap();
         v.get_mut(addr as usize..addr as usize + data.len()).ok_or(io::ErrorKind::InvalidInput)?.copy_from_slice(data);
         Ok(())
+    }
+
+    /// Guest memory for a device: all of this RAM at guest address 0, reached through this transport.
+    pub fn guest_mem(self: &Arc<Self>) -> GuestMem {
+        let mem = GuestMem::new();
+        let size = self.bytes.lock().unwrap().len() as u64;
+        mem.map(0, size, true, true, None).expect("mapping test RAM");
+        mem.set_transport(Some(self.clone()));
+        mem
+    }
+}
+
+impl DmaTransport for Ram {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.peek(addr, buf)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
+        self.device_writes.fetch_add(1, Ordering::SeqCst);
+        self.poke(addr, data)
     }
 }
 
@@ -316,10 +363,10 @@ impl Bus for VfBus {
         self.vf.region_write(0, off, &v.to_le_bytes()).unwrap();
     }
     fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
-        self.ram.read(addr, buf).unwrap();
+        self.ram.peek(addr, buf).unwrap();
     }
     fn mem_write(&mut self, addr: u64, data: &[u8]) {
-        self.ram.write(addr, data).unwrap();
+        self.ram.poke(addr, data).unwrap();
     }
 }
 
@@ -330,11 +377,8 @@ pub const RINGS: u64 = 0x20_0000;
 
 /// A fresh VF with `TESTBED_RAM` of guest memory mapped at 0, and a driver model past power-on.
 pub fn testbed(cfg: VfConfig) -> DriverModel<VfBus> {
-    let mem = GuestMem::new();
-    let ram = Arc::new(Ram(Mutex::new(vec![0; TESTBED_RAM as usize])));
-    mem.map(0, TESTBED_RAM, true, true, None).expect("mapping test RAM");
-    mem.set_transport(Some(ram.clone()));
-    let vf = I40eVf::new(cfg, mem);
+    let ram = Arc::new(Ram::new(TESTBED_RAM));
+    let vf = I40eVf::new(cfg, ram.guest_mem());
     let mut d = DriverModel::new(VfBus { vf, ram }, AQ_BASE);
     assert!(d.wait_active(Duration::from_secs(2)), "RSTAT must read VFACTIVE at power-on");
     d

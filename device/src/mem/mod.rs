@@ -16,7 +16,9 @@ use dirty::PageBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, VolatileMemory};
 
-use crate::Errno;
+use crate::vfio::Errno;
+
+pub mod doorbell;
 
 pub const PAGE_SIZE: u64 = 4096;
 /// The most memory all fd-backed mappings together may cover: bounds their dirty bitmaps (32 MiB at this size),

@@ -4,6 +4,8 @@
 //! back the size mask with the type bits. The i40e-specific layout is built in [`vf_config`].
 
 pub const CONFIG_SIZE: usize = 4096;
+/// The part of config space that can change and is saved: the header and the capability list.
+pub const SAVED_SIZE: usize = 256;
 
 pub const VENDOR_INTEL: u16 = 0x8086;
 pub const DEVICE_I40E_VF: u16 = 0x154c;
@@ -101,6 +103,31 @@ impl PciConfig {
         self.init32(o + 4, 0, u32::MAX);
     }
 
+    /// The standard header and capabilities (the first 256 bytes) as saved state. The extended space holds no
+    /// capability and is never writable, so it is not saved.
+    pub fn save(&self) -> Vec<u8> {
+        self.data[..SAVED_SIZE].to_vec()
+    }
+
+    /// Loads saved bytes. Read-only bits (identity, BAR sizes, capability layout, MSI-X table size) must equal
+    /// this device's: a difference means the state comes from another kind of device.
+    pub fn load(&mut self, saved: &[u8]) -> Result<(), String> {
+        if saved.len() != SAVED_SIZE {
+            return Err(format!("config space of {} bytes, expected {SAVED_SIZE}", saved.len()));
+        }
+        for (o, &v) in saved.iter().enumerate() {
+            let ro = !(self.wmask[o] | self.w1c[o]);
+            if (v ^ self.data[o]) & ro != 0 {
+                return Err(format!(
+                    "config space byte {o:#05x} is {v:#04x}, but its read-only bits here are {:#04x}",
+                    self.data[o] & ro
+                ));
+            }
+        }
+        self.data[..SAVED_SIZE].copy_from_slice(saved);
+        Ok(())
+    }
+
     /// The address a 64-bit BAR at `n` is programmed to.
     pub fn bar_address(&self, n: usize) -> u64 {
         let o = BAR0 + 4 * n;
@@ -196,6 +223,22 @@ mod tests {
         c.set_bytes(STATUS, &(STATUS_CAP_LIST | 0x8000).to_le_bytes());
         c.write(STATUS, &0x8000u16.to_le_bytes());
         assert_eq!(c.u16(STATUS), STATUS_CAP_LIST);
+    }
+
+    #[test]
+    fn save_and_load_keep_identity() {
+        let mut c = vf_config(5);
+        c.write(CMD, &6u16.to_le_bytes());
+        c.write(0x10, &0xfe00_0000u32.to_le_bytes());
+        let saved = c.save();
+        let mut d = vf_config(5);
+        d.load(&saved).unwrap();
+        assert_eq!(d.save(), saved);
+        let mut other = saved.clone();
+        other[2] = 0x4d; // another device ID
+        assert!(vf_config(5).load(&other).unwrap_err().contains("0x002"));
+        assert!(vf_config(17).load(&saved).is_err(), "another MSI-X table size");
+        assert!(vf_config(5).load(&saved[..100]).is_err());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! BAR0 register offsets (i40e VF, as the iavf driver uses them) and the register file's storage.
 
+use serde::{Deserialize, Serialize};
+
 pub const QTX_TAIL1: u64 = 0x0000;
 pub const QRX_TAIL1: u64 = 0x2000;
 pub const VFINT_ITRN1: u64 = 0x2800;
@@ -81,16 +83,82 @@ pub fn is_register(off: u64) -> bool {
         )
 }
 
-/// 64 KiB of dword registers; semantics live in the device, storage here.
-#[derive(Clone)]
+/// BAR0's size: 64 KiB of dword registers.
+pub const BAR0_SIZE: u64 = 64 * 1024;
+
+/// BAR0's dword registers; semantics live in the device, storage here. Saved sparsely: the implemented registers
+/// that are not zero, as (offset, value) pairs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "Vec<(u32, u32)>", try_from = "Vec<(u32, u32)>")]
 pub struct RegFile {
     words: Vec<u32>,
 }
 
+impl std::fmt::Debug for RegFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nonzero: Vec<(u32, u32)> = self.clone().into();
+        f.debug_map().entries(nonzero.iter().map(|(o, v)| (format!("{o:#06x}"), format!("{v:#x}")))).finish()
+    }
+}
+
+impl From<RegFile> for Vec<(u32, u32)> {
+    fn from(r: RegFile) -> Self {
+        r.words
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v != 0)
+            .map(|(i, &v)| ((i * 4) as u32, v))
+            .filter(|&(o, _)| is_register(u64::from(o)))
+            .collect()
+    }
+}
+
+impl TryFrom<Vec<(u32, u32)>> for RegFile {
+    type Error = String;
+
+    fn try_from(v: Vec<(u32, u32)>) -> Result<Self, String> {
+        let mut r = RegFile { words: vec![0; (BAR0_SIZE / 4) as usize] };
+        let mut last = None;
+        for (o, val) in v {
+            if !is_register(u64::from(o)) {
+                return Err(format!("saved register at {o:#x}: not a register of this VF"));
+            }
+            if last.is_some_and(|l| l >= o) {
+                return Err(format!("saved registers out of order or repeated at {o:#x}"));
+            }
+            last = Some(o);
+            r.set(u64::from(o), val);
+        }
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+impl proptest::arbitrary::Arbitrary for RegFile {
+    type Parameters = ();
+    type Strategy = proptest::strategy::BoxedStrategy<RegFile>;
+
+    /// Any values in any set of implemented registers.
+    fn arbitrary_with(_: ()) -> Self::Strategy {
+        use proptest::prelude::*;
+        proptest::collection::btree_map(0u32..(BAR0_SIZE as u32 / 4), any::<u32>(), 0..64)
+            .prop_map(|m| {
+                let mut r = RegFile { words: vec![0; (BAR0_SIZE / 4) as usize] };
+                for (i, v) in m {
+                    if is_register(u64::from(i) * 4) {
+                        r.set(u64::from(i) * 4, v);
+                    }
+                }
+                r
+            })
+            .boxed()
+    }
+}
+
 impl RegFile {
     /// Power-on values: everything 0 except VFGEN_RSTAT, which reads VFACTIVE.
-    pub fn power_on(size: u64) -> Self {
-        let mut r = RegFile { words: vec![0; (size / 4) as usize] };
+    pub fn power_on() -> Self {
+        let mut r = RegFile { words: vec![0; (BAR0_SIZE / 4) as usize] };
         r.set(VFGEN_RSTAT, RSTAT_VFACTIVE);
         r
     }
@@ -118,6 +186,19 @@ mod tests {
         for off in [QTX_TAIL1 + 64, 0x2002, 0x9000, VFQF_HKEY + 56, VFQF_HLUT + 68] {
             assert!(!is_register(off), "{off:#x}");
         }
-        assert_eq!(RegFile::power_on(0x10000).get(VFGEN_RSTAT), RSTAT_VFACTIVE);
+        assert_eq!(RegFile::power_on().get(VFGEN_RSTAT), RSTAT_VFACTIVE);
+    }
+
+    #[test]
+    fn saved_sparsely_and_validated() {
+        let mut r = RegFile::power_on();
+        r.set(VF_ATQBAL1, 0x1000);
+        r.set(QRX_TAIL1 + 4, 7);
+        let v: Vec<(u32, u32)> = r.clone().into();
+        assert_eq!(v, vec![(QRX_TAIL1 as u32 + 4, 7), (VF_ATQBAL1 as u32, 0x1000), (VFGEN_RSTAT as u32, 2)]);
+        assert_eq!(RegFile::try_from(v).unwrap(), r);
+        assert!(RegFile::try_from(vec![(0x9000, 1)]).is_err(), "not a register");
+        assert!(RegFile::try_from(vec![(2, 1)]).is_err(), "unaligned");
+        assert!(RegFile::try_from(vec![(0x8800, 1), (0x8800, 2)]).is_err(), "repeated");
     }
 }

@@ -1,0 +1,42 @@
+//! What the user chose on the command line: the device's fixed configuration. It is not state: a destination is
+//! configured the same way and checks the saved state against it.
+
+use crate::nic::adminq::ARQ_BACKLOG;
+use crate::nic::virtchnl::LinkSpeed;
+
+/// A real i40e VF's MSI-X table: 4 queue vectors and the misc vector.
+pub const MSIX_VECTORS: u16 = 5;
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
+#[derive(Debug, Clone)]
+pub struct VfConfig {
+    pub mac: [u8; 6],
+    /// Queue pairs offered to the driver (1..=16).
+    pub queue_pairs: u16,
+    pub link_speed: LinkSpeed,
+    /// `--doorbells mmap`: BAR0's first page (the QTX_TAIL registers) is offered as an mmap area backed by a
+    /// memfd the datapath worker polls, instead of trapped register writes (`docs/doorbells.md`).
+    pub mmap_doorbells: bool,
+    /// PF -> VF messages held while the driver posts no ARQ buffers; past this the oldest is dropped.
+    pub max_arq_queued: usize,
+}
+
+impl Default for VfConfig {
+    fn default() -> Self {
+        // Locally administered unicast; 4 queue pairs and 5 vectors like a real VF.
+        VfConfig {
+            mac: [0x02, 0x00, 0x00, 0x15, 0x4c, 0x01],
+            queue_pairs: 4,
+            link_speed: LinkSpeed(10000),
+            mmap_doorbells: false,
+            max_arq_queued: ARQ_BACKLOG,
+        }
+    }
+}
+
+impl VfConfig {
+    /// MSI-X vectors: one per queue pair plus the misc vector, at least the real VF's five.
+    pub fn msix_vectors(&self) -> u16 {
+        (self.queue_pairs + 1).max(MSIX_VECTORS)
+    }
+}

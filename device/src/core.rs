@@ -1,0 +1,380 @@
+//! The live device: its state under one lock ([`Dev`]), the resources it uses beside it (guest memory, the
+//! client's eventfds, the packet sink, the doorbell page), and the small synchronisation pieces the register front
+//! and the workers share ([`Core`]). The lock is held only for register-sized critical sections, never across a
+//! guest-memory access.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::cfg::VfConfig;
+use crate::mem::doorbell::DoorbellPage;
+use crate::mem::GuestMem;
+use crate::net::{FrameSink, NoSink};
+use crate::nic::regs::*;
+use crate::nic::virtchnl::Pf;
+use crate::pci::{self, Interrupts, PciConfig};
+use crate::state::{Counters, DeviceState, Identity, NicState, QueueState, ResetPhase, StateError, VectorState};
+
+/// Frames from the wire an [`RxPort`](crate::RxPort) may have queued for the datapath worker; more are dropped.
+pub const RX_IN_FLIGHT: usize = 4096;
+
+/// The device state and the resources that must change with it, behind [`Core::lock`].
+pub(crate) struct Dev {
+    pub config: PciConfig,
+    /// MSI-X table and PBA (state) with the client's eventfds (resources).
+    pub irq: Interrupts,
+    pub nic: NicState,
+    /// Frames waiting for RX buffers, per queue: a NIC's internal FIFO, not saved (counted as dropped on save).
+    pub rx_backlog: Vec<VecDeque<Vec<u8>>>,
+    /// Where transmitted frames go.
+    pub sink: Arc<dyn FrameSink>,
+    /// `--doorbells mmap`: holds the QTX_TAIL registers while running.
+    pub doorbells: Option<Arc<DoorbellPage>>,
+    /// Bumped by every reset and load, so work started before does not write back after.
+    pub generation: u64,
+    arq_max: usize,
+}
+
+fn power_on_nic(cfg: &VfConfig) -> NicState {
+    let n = cfg.msix_vectors();
+    NicState {
+        regs: RegFile::power_on(),
+        pf: Pf::new(cfg.mac, cfg.queue_pairs, n, cfg.link_speed),
+        vectors: vec![VectorState::default(); n as usize],
+        arq: VecDeque::new(),
+        queues: vec![QueueState::default(); cfg.queue_pairs as usize],
+        counters: Counters::default(),
+        reset: ResetPhase::Idle,
+        held_writes: Vec::new(),
+        held_flr: false,
+    }
+}
+
+impl Dev {
+    pub fn power_on(cfg: &VfConfig, doorbells: Option<Arc<DoorbellPage>>) -> Self {
+        let n = cfg.msix_vectors();
+        Dev {
+            config: pci::vf_config(n),
+            irq: Interrupts::new(n as usize),
+            nic: power_on_nic(cfg),
+            rx_backlog: vec![VecDeque::new(); cfg.queue_pairs as usize],
+            sink: Arc::new(NoSink),
+            doorbells,
+            generation: 0,
+            arq_max: cfg.max_arq_queued.max(1),
+        }
+    }
+
+    /// DEVICE_RESET / FLR: back to power-on, keeping the client's eventfds, the sink, the counters a reset does not
+    /// clear, and the negotiated virtchnl version.
+    pub fn reset(&mut self, cfg: &VfConfig) {
+        let version = self.nic.pf.version;
+        let counters = self.nic.counters;
+        self.config = pci::vf_config(cfg.msix_vectors());
+        self.irq.reset();
+        self.nic = power_on_nic(cfg);
+        self.nic.pf.version = version;
+        self.nic.counters = counters;
+        self.rx_backlog.iter_mut().for_each(VecDeque::clear);
+        if let Some(page) = &self.doorbells {
+            page.clear();
+        }
+        self.generation += 1;
+    }
+
+    /// VF reset (RESET_VF or PF-initiated): registers, admin queue, queues, filters, IRQ map and RSS are
+    /// forgotten; config space, MSI-X table, the virtchnl version and the link stay. RSTAT reads INPROGRESS
+    /// afterwards; the admin queue worker moves it on.
+    pub fn vf_reset(&mut self) {
+        self.generation += 1;
+        self.nic.regs = RegFile::power_on();
+        if let Some(page) = &self.doorbells {
+            page.clear();
+        }
+        self.nic.regs.set(VFGEN_RSTAT, RSTAT_INPROGRESS);
+        self.nic.reset = ResetPhase::InProgress;
+        self.nic.vectors.fill(VectorState::default());
+        self.nic.pf.reset();
+        self.nic.arq.clear();
+        for q in &mut self.nic.queues {
+            (q.tx_head, q.rx_head) = (0, 0);
+        }
+        self.rx_backlog.iter_mut().for_each(VecDeque::clear);
+    }
+
+    /// Queues a PF -> VF message for the ARQ. A driver that stopped returning ARQ buffers loses the oldest.
+    pub fn post(&mut self, op: u32, status: i32, payload: Vec<u8>) {
+        if self.nic.arq.len() >= self.arq_max {
+            let lost = self.nic.arq.pop_front();
+            self.nic.counters.arq_dropped += 1;
+            log::warn!("ARQ backlog full: dropped PF message op {:?}", lost.map(|m| m.op));
+        }
+        self.nic.arq.push_back(crate::nic::adminq::ArqMsg { op, status, payload });
+    }
+
+    /// Raises vector `v`: fires now if enabled (then auto-masks), otherwise remembers it.
+    pub fn raise(&mut self, v: usize) {
+        let Some(vs) = self.nic.vectors.get_mut(v) else { return };
+        if vs.intena {
+            vs.intena = false;
+            vs.pending = false;
+            self.irq.fire(v);
+        } else {
+            vs.pending = true;
+        }
+    }
+
+    /// Raises every vector CONFIG_IRQ_MAP binds to RX (`rx`) or TX queue `q`.
+    pub fn raise_queue(&mut self, q: u16, rx: bool) {
+        for v in 0..self.nic.pf.irq_map.len() {
+            let (rxq, txq) = self.nic.pf.irq_map[v];
+            if (if rx { rxq } else { txq }) & (1 << q) != 0 {
+                self.raise(v);
+            }
+        }
+    }
+
+    /// Raises an ICR0 cause on vector 0 if the cause is enabled.
+    pub fn raise_misc(&mut self, cause: u32) {
+        let icr = self.nic.regs.get(VFINT_ICR01) | cause;
+        self.nic.regs.set(VFINT_ICR01, icr);
+        if self.nic.regs.get(VFINT_ICR0_ENA1) & cause != 0 {
+            self.raise(0);
+        }
+    }
+
+    pub fn write_dyn_ctl(&mut self, v: usize, val: u32) {
+        let Some(vs) = self.nic.vectors.get_mut(v) else { return };
+        if val & DYN_CLEARPBA != 0 {
+            vs.pending = false;
+        }
+        if val & DYN_INTENA_MSK == 0 {
+            vs.intena = val & DYN_INTENA != 0;
+        }
+        if val & DYN_SWINT_TRIG != 0 {
+            vs.pending = true;
+            if v == 0 {
+                let icr = self.nic.regs.get(VFINT_ICR01) | ICR0_SWINT;
+                self.nic.regs.set(VFINT_ICR01, icr);
+            }
+        }
+        let vs = self.nic.vectors[v];
+        if vs.intena && vs.pending {
+            self.raise(v);
+        }
+    }
+
+    /// QTX_TAIL(q): the register file, or the doorbell page in `--doorbells mmap` mode.
+    pub fn tx_tail(&self, q: u16) -> u32 {
+        match &self.doorbells {
+            Some(page) => page.tail(q),
+            None => self.nic.regs.get(QTX_TAIL1 + 4 * u64::from(q)),
+        }
+    }
+
+    /// The state as plain data. Doorbell-page tails go into the saved register file; frames still waiting for RX
+    /// buffers are counted as dropped in the saved copy (they are not carried).
+    pub fn save(&self, cfg: &VfConfig) -> DeviceState {
+        let mut nic = self.nic.clone();
+        if let Some(page) = &self.doorbells {
+            for q in 0..MAX_QUEUES as u16 {
+                nic.regs.set(QTX_TAIL1 + 4 * u64::from(q), page.tail(q));
+            }
+        }
+        let waiting: u64 = self.rx_backlog.iter().map(|b| b.len() as u64).sum();
+        nic.counters.rx_dropped_paused += waiting;
+        nic.pf.stats.rx_discards += waiting;
+        DeviceState { identity: Identity::of(cfg), config: self.config.save(), msix: self.irq.save(), nic }
+    }
+
+    /// Replaces the state with `s` after checking it; the client's eventfds and the sink stay. Nothing is written
+    /// to guest memory. On error nothing changed.
+    pub fn load(&mut self, cfg: &VfConfig, s: &DeviceState) -> Result<(), StateError> {
+        s.validate(cfg)?;
+        let mut config = pci::vf_config(cfg.msix_vectors());
+        config.load(&s.config).map_err(StateError::Invalid)?;
+        self.irq.load(&s.msix).map_err(StateError::Invalid)?;
+        self.config = config;
+        self.nic = s.nic.clone();
+        self.rx_backlog.iter_mut().for_each(VecDeque::clear);
+        if let Some(page) = &self.doorbells {
+            page.clear();
+            for q in 0..MAX_QUEUES as u16 {
+                page.set_tail(q, self.nic.regs.get(QTX_TAIL1 + 4 * u64::from(q)));
+            }
+        }
+        self.generation += 1;
+        Ok(())
+    }
+}
+
+/// Per queue: a tail kick is queued for the datapath worker and not yet taken. A tail write sends a kick only when
+/// it sets the flag; the worker clears it before it looks at the tail, so none is lost.
+#[derive(Default)]
+pub(crate) struct Kicks {
+    pub tx: [AtomicBool; MAX_QUEUES as usize],
+    pub rx: [AtomicBool; MAX_QUEUES as usize],
+}
+
+impl Kicks {
+    /// Whether the caller must send the kick (no kick for this queue is waiting yet).
+    pub fn arm(flags: &[AtomicBool], q: u16) -> bool {
+        flags.get(q as usize).is_none_or(|f| !f.swap(true, Ordering::AcqRel))
+    }
+
+    /// The worker takes a kick: later tail writes queue a new one.
+    pub fn take(flags: &[AtomicBool], q: u16) {
+        if let Some(f) = flags.get(q as usize) {
+            f.swap(false, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Shared by every [`RxPort`](crate::RxPort) and the datapath worker: bounds the frames queued in the work channel
+/// and turns frames away while the device is paused.
+#[derive(Default)]
+pub(crate) struct RxGate {
+    /// Frames sent to the worker and not yet taken by it.
+    pub in_flight: AtomicUsize,
+    /// Frames dropped because [`RX_IN_FLIGHT`] were queued; the worker moves them into rx_discards.
+    pub dropped: AtomicU64,
+    /// Frames that arrived while the device was paused; moved into the counters at resume and on save.
+    pub dropped_paused: AtomicU64,
+    /// True while paused. A port sends under the read lock, so once pause holds the write lock every frame
+    /// already sent is queued ahead of the worker's pause message.
+    pub paused: RwLock<bool>,
+}
+
+/// Workers park here while the device is paused.
+#[derive(Default)]
+pub(crate) struct PauseGate {
+    m: Mutex<(bool, usize)>,
+    cv: Condvar,
+}
+
+impl PauseGate {
+    /// Asks the workers to park; false when a pause was already requested.
+    pub fn request(&self) -> bool {
+        let mut g = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        !std::mem::replace(&mut g.0, true)
+    }
+
+    pub fn requested(&self) -> bool {
+        self.m.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Worker side: parks until released (returns at once if no pause is requested).
+    pub fn park(&self) {
+        let mut g = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.0 {
+            return;
+        }
+        g.1 += 1;
+        self.cv.notify_all();
+        while g.0 {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.1 -= 1;
+    }
+
+    /// Waits until `n` workers are parked; false on timeout.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        while g.1 < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+
+    pub fn parked(&self) -> usize {
+        self.m.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    pub fn release(&self) {
+        let mut g = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = false;
+        self.cv.notify_all();
+    }
+}
+
+/// Work for the admin queue worker.
+pub(crate) enum AqWork {
+    /// ATQT moved: process the transmit admin queue.
+    Atq,
+    /// ARQT moved: buffers were returned, deliver what is waiting.
+    Arq,
+    /// The PF resets the VF on its own (RESET_IMPENDING first).
+    PfReset,
+    /// Park until resumed.
+    Pause,
+    /// The device is being dropped. (Channel disconnection cannot signal it: reset handles keep senders.)
+    Stop,
+}
+
+/// Work for the datapath worker.
+pub(crate) enum DpWork {
+    /// QTX_TAIL(q) moved.
+    Tx(u16),
+    /// QRX_TAIL(q) moved: buffers were posted.
+    RxTail(u16),
+    /// A frame from the wire.
+    Rx(Vec<u8>),
+    /// `--doorbells mmap`: a TX queue is enabled, start polling the doorbell page.
+    Poll,
+    /// Park until resumed.
+    Pause,
+    Stop,
+}
+
+/// What the register front and the workers share.
+pub(crate) struct Core {
+    dev: Mutex<Dev>,
+    pub mem: GuestMem,
+    pub cfg: VfConfig,
+    /// Tail kicks waiting for the datapath worker, one at most per queue and direction.
+    pub kicks: Kicks,
+    pub rx_gate: Arc<RxGate>,
+    pub pause: PauseGate,
+    pub doorbells: Option<Arc<DoorbellPage>>,
+}
+
+impl Core {
+    pub fn new(cfg: VfConfig, mem: GuestMem, doorbells: Option<Arc<DoorbellPage>>) -> Self {
+        Core {
+            dev: Mutex::new(Dev::power_on(&cfg, doorbells.clone())),
+            mem,
+            cfg,
+            kicks: Kicks::default(),
+            rx_gate: Arc::default(),
+            pause: PauseGate::default(),
+            doorbells,
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Dev> {
+        // A panic in a worker must not take the device down with poisoned state errors.
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the port's drop counts into the statistics (the worker does this as frames pass; pause and save do it
+    /// so nothing counted is missing from the state).
+    pub fn fold_port_drops(&self, d: &mut Dev) {
+        let full = self.rx_gate.dropped.swap(0, Ordering::AcqRel);
+        if full > 0 {
+            d.nic.pf.stats.rx_discards += full;
+            log::warn!("{full} received frames dropped: {RX_IN_FLIGHT} already waiting for the datapath worker");
+        }
+        let paused = self.rx_gate.dropped_paused.swap(0, Ordering::AcqRel);
+        if paused > 0 {
+            d.nic.pf.stats.rx_discards += paused;
+            d.nic.counters.rx_dropped_paused += paused;
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The admin queue engine: the VF's transmit queue (ATQ) in guest memory, ARQ delivery and the VF reset
+//! sequence, on the admin queue worker.
+//!
+//! The device state lock is held only to read or update registers, never across a guest-memory access, because
+//! with fd-less guest RAM each access is a round trip to the client.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::core::{AqWork, Core};
+use crate::nic::adminq::*;
+use crate::nic::regs::*;
+use crate::nic::virtchnl::{self, After, Pf};
+use crate::state::ResetPhase;
+
+/// How long each reset phase lasts before the next: the PF's warning period, then RSTAT's two steps.
+fn phase_delay(p: ResetPhase) -> Duration {
+    match p {
+        ResetPhase::Impending => Duration::from_millis(50),
+        _ => Duration::from_millis(1),
+    }
+}
+
+pub(crate) fn worker(core: &Core, rx: Receiver<AqWork>) {
+    // When the current reset phase ends; None when no reset is under way (or it must be timed afresh).
+    let mut next_step: Option<Instant> = None;
+    loop {
+        let phase = core.lock().nic.reset;
+        let msg = if phase == ResetPhase::Idle {
+            next_step = None;
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            let at = *next_step.get_or_insert_with(|| Instant::now() + phase_delay(phase));
+            rx.recv_deadline(at)
+        };
+        match msg {
+            Ok(AqWork::Atq) => process_atq(core),
+            Ok(AqWork::Arq) => deliver_arq(core),
+            Ok(AqWork::PfReset) => pf_initiated_reset(core),
+            Ok(AqWork::Pause) => {
+                core.pause.park();
+                next_step = None; // a phase restarts its time after a pause (or a restore)
+            }
+            Ok(AqWork::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                next_step = None;
+                advance_reset(core);
+            }
+        }
+    }
+}
+
+struct Ring {
+    generation: u64,
+    base: u64,
+    len: u32,
+    head: u32,
+    tail: u32,
+}
+
+/// Reads a queue's registers; None when the queue is disabled.
+fn ring(core: &Core, len_reg: u64, bal: u64, bah: u64, head: u64, tail: u64) -> Option<Ring> {
+    let st = core.lock();
+    let r = &st.nic.regs;
+    let lenreg = r.get(len_reg);
+    (lenreg & AQ_ENABLE != 0).then(|| Ring {
+        generation: st.generation,
+        base: u64::from(r.get(bal)) | (u64::from(r.get(bah)) << 32),
+        len: lenreg & AQ_LEN_MASK,
+        head: r.get(head),
+        tail: r.get(tail),
+    })
+}
+
+/// Marks a queue critically broken (LEN.CRIT), as hardware does on a head/tail outside the ring.
+fn stall(core: &Core, len_reg: u64, why: std::fmt::Arguments<'_>) {
+    log::error!("{why}; admin queue stalled until reset");
+    let mut st = core.lock();
+    let v = st.nic.regs.get(len_reg) | AQ_CRIT;
+    st.nic.regs.set(len_reg, v);
+}
+
+/// Processes ATQH..ATQT: read each descriptor and its buffer, handle it, write it back with DD|CMP, then advance
+/// ATQH (the driver takes "head == tail" as done, so the head moves only after the writeback).
+pub(crate) fn process_atq(core: &Core) {
+    while let Some(r) = ring(core, VF_ATQLEN1, VF_ATQBAL1, VF_ATQBAH1, VF_ATQH1, VF_ATQT1) {
+        if r.head == r.tail {
+            break;
+        }
+        if r.len == 0 || r.head >= r.len || r.tail >= r.len {
+            return stall(
+                core,
+                VF_ATQLEN1,
+                format_args!("ATQ head {} / tail {} outside ring of {}", r.head, r.tail, r.len),
+            );
+        }
+        let Some(at) = r.base.checked_add(u64::from(r.head) * DESC_SIZE) else {
+            return stall(core, VF_ATQLEN1, format_args!("ATQ base {:#x} wraps the address space", r.base));
+        };
+        let mut raw = [0u8; 32];
+        if let Err(e) = core.mem.read(at, &mut raw) {
+            return stall(core, VF_ATQLEN1, format_args!("ATQ descriptor {} at {at:#x}: {e}", r.head));
+        }
+        let mut d = Desc::from_bytes(&raw);
+        let after = handle(core, &d, r.generation);
+        d.flags |= FLAG_DD | FLAG_CMP;
+        if after.is_err() {
+            d.flags |= FLAG_ERR;
+        }
+        if core.lock().generation != r.generation {
+            return; // reset while we worked: the ring is gone
+        }
+        if let Err(e) = core.mem.write(at, &d.to_bytes()) {
+            return stall(core, VF_ATQLEN1, format_args!("ATQ writeback {} at {at:#x}: {e}", r.head));
+        }
+        {
+            let mut st = core.lock();
+            if st.generation != r.generation {
+                return;
+            }
+            st.nic.regs.set(VF_ATQH1, (r.head + 1) % r.len);
+            if after == Ok(After::LinkUp) {
+                let ev = st.nic.pf.link_event(st.nic.pf.link_up);
+                st.post(virtchnl::OP_EVENT, 0, ev);
+            }
+        }
+        if after == Ok(After::ResetVf) {
+            log::info!("VF reset: in progress");
+            core.lock().vf_reset();
+            return;
+        }
+        deliver_arq(core);
+    }
+    deliver_arq(core);
+}
+
+/// Handles one ATQ descriptor. Virtchnl replies are queued for the ARQ; Err completes the descriptor with ERR.
+fn handle(core: &Core, d: &Desc, generation: u64) -> Result<After, ()> {
+    match d.opcode {
+        OP_QUEUE_SHUTDOWN => {
+            log::debug!("ATQ: queue shutdown (param0 {})", d.param0);
+            Ok(After::Nothing)
+        }
+        OP_SEND_TO_PF => {
+            let op = d.cookie_high;
+            let len = usize::from(d.datalen);
+            let mut msg = vec![0u8; len];
+            if len > 0 {
+                if d.flags & FLAG_BUF == 0 || len > MAX_MSG {
+                    log::warn!("virtchnl op {op}: {len} bytes without a buffer or over {MAX_MSG}");
+                    return Err(());
+                }
+                let addr = (u64::from(d.addr_high) << 32) | u64::from(d.addr_low);
+                if let Err(e) = core.mem.read(addr, &mut msg) {
+                    log::warn!("virtchnl op {op}: message buffer: {e}");
+                    return Err(());
+                }
+            }
+            let mut st = core.lock();
+            if st.generation != generation {
+                return Ok(After::Nothing);
+            }
+            log::debug!("virtchnl: <- op {op} ({len} bytes)");
+            let out = st.nic.pf.handle(op, &msg);
+            if op == virtchnl::OP_CONFIG_VSI_QUEUES && matches!(out.reply, Some((0, _))) {
+                for q in &mut st.nic.queues {
+                    (q.tx_head, q.rx_head) = (0, 0); // fresh rings start at descriptor 0
+                }
+            }
+            if let Some((status, payload)) = out.reply {
+                st.post(op, status, payload);
+            }
+            Ok(out.after)
+        }
+        op => {
+            log::debug!("ATQ: opcode {op:#06x} completed without action");
+            Ok(After::Nothing)
+        }
+    }
+}
+
+/// Moves queued PF -> VF messages into the ARQ's posted buffers while there are free slots, then raises the
+/// admin queue interrupt cause.
+pub(crate) fn deliver_arq(core: &Core) {
+    while let Some(r) = ring(core, VF_ARQLEN1, VF_ARQBAL1, VF_ARQBAH1, VF_ARQH1, VF_ARQT1) {
+        if r.len == 0 || r.head >= r.len || r.tail >= r.len {
+            return stall(
+                core,
+                VF_ARQLEN1,
+                format_args!("ARQ head {} / tail {} outside ring of {}", r.head, r.tail, r.len),
+            );
+        }
+        // Slots head..tail belong to the device; head == tail means none is free.
+        if r.head == r.tail {
+            return;
+        }
+        let Some(m) = core.lock().nic.arq.pop_front() else { return };
+        let Some(at) = r.base.checked_add(u64::from(r.head) * DESC_SIZE) else {
+            return stall(core, VF_ARQLEN1, format_args!("ARQ base {:#x} wraps the address space", r.base));
+        };
+        let mut raw = [0u8; 32];
+        if let Err(e) = core.mem.read(at, &mut raw) {
+            return stall(core, VF_ARQLEN1, format_args!("ARQ descriptor {} at {at:#x}: {e}", r.head));
+        }
+        let mut d = Desc::from_bytes(&raw);
+        let buf = (u64::from(d.addr_high) << 32) | u64::from(d.addr_low);
+        if !m.payload.is_empty() && (d.flags & FLAG_BUF == 0 || usize::from(d.datalen) < m.payload.len()) {
+            log::error!(
+                "ARQ slot {} has no room ({} byte buffer, flags {:#x}) for op {} ({} bytes): message dropped",
+                r.head,
+                d.datalen,
+                d.flags,
+                m.op,
+                m.payload.len()
+            );
+            continue;
+        }
+        if !m.payload.is_empty() {
+            if let Err(e) = core.mem.write(buf, &m.payload) {
+                return stall(core, VF_ARQLEN1, format_args!("ARQ buffer {buf:#x}: {e}"));
+            }
+        }
+        d.flags = (d.flags & (FLAG_BUF | FLAG_LB)) | FLAG_DD | FLAG_CMP;
+        d.opcode = OP_SEND_TO_VF;
+        d.datalen = m.payload.len() as u16;
+        d.retval = 0;
+        d.cookie_high = m.op;
+        d.cookie_low = m.status as u32;
+        if core.lock().generation != r.generation {
+            return;
+        }
+        if let Err(e) = core.mem.write(at, &d.to_bytes()) {
+            return stall(core, VF_ARQLEN1, format_args!("ARQ writeback {} at {at:#x}: {e}", r.head));
+        }
+        let mut st = core.lock();
+        if st.generation != r.generation {
+            return;
+        }
+        st.nic.regs.set(VF_ARQH1, (r.head + 1) % r.len);
+        log::debug!("virtchnl: -> op {} status {} ({} bytes)", m.op, m.status, m.payload.len());
+        st.raise_misc(ICR0_ADMINQ);
+    }
+}
+
+/// Moves a reset on to its next phase: the PF's warning ends in the reset itself (state cleared, RSTAT
+/// INPROGRESS), then RSTAT reads COMPLETED, then VFACTIVE.
+fn advance_reset(core: &Core) {
+    let mut st = core.lock();
+    match st.nic.reset {
+        ResetPhase::Idle => {}
+        ResetPhase::Impending => {
+            log::info!("VF reset: in progress");
+            st.vf_reset();
+        }
+        ResetPhase::InProgress => {
+            st.nic.regs.set(VFGEN_RSTAT, RSTAT_COMPLETED);
+            st.nic.reset = ResetPhase::Completed;
+            log::info!("VF reset: completed");
+        }
+        ResetPhase::Completed => {
+            st.nic.regs.set(VFGEN_RSTAT, RSTAT_VFACTIVE);
+            st.nic.reset = ResetPhase::Idle;
+            log::info!("VF reset: VF active");
+        }
+    }
+}
+
+/// A reset the PF starts: warn the driver with RESET_IMPENDING; the reset follows after the warning period.
+fn pf_initiated_reset(core: &Core) {
+    log::info!("PF-initiated VF reset: sending RESET_IMPENDING");
+    {
+        let mut st = core.lock();
+        st.post(virtchnl::OP_EVENT, 0, Pf::reset_impending_event());
+        if st.nic.reset == ResetPhase::Idle {
+            st.nic.reset = ResetPhase::Impending;
+        }
+    }
+    deliver_arq(core);
+}

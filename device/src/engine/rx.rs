@@ -1,0 +1,156 @@
+//! RX: frames from the wire are filtered by MAC, steered to a queue (RSS when granted) and written into the
+//! buffers the driver posted, waiting in a bounded backlog while a ring has none.
+
+use crate::core::Core;
+use crate::engine::{desc_addr, mdd, Mdd};
+use crate::nic::offload;
+use crate::nic::regs::QRX_TAIL1;
+use crate::nic::virtchnl::RxQueue;
+
+/// RX descriptor (32-byte legacy format) writeback bits.
+pub const RX_DESC: u64 = 32;
+const RX_DD: u64 = 1 << 0;
+const RX_EOF: u64 = 1 << 1;
+const RX_FLTSTAT_RSS: u64 = 3 << 12;
+const RX_LEN_SHIFT: u32 = 38;
+/// Frames held per queue while its ring has no free buffer.
+pub const RX_BACKLOG: usize = 512;
+
+/// Where a received frame goes: filtered by destination MAC, then steered to an enabled queue.
+pub(crate) fn receive(core: &Core, frame: Vec<u8>) {
+    let mut st = core.lock();
+    core.fold_port_drops(&mut st);
+    let pf = &st.nic.pf;
+    if frame.len() < 14 || !pf.queues_enabled() {
+        st.nic.pf.stats.rx_discards += 1;
+        return;
+    }
+    let dst: [u8; 6] = frame[..6].try_into().unwrap();
+    let (bcast, mcast) = (dst == [0xff; 6], dst[0] & 1 == 1);
+    let wanted = bcast || pf.macs.contains(&dst) || (!mcast && pf.promisc & 1 != 0) || (mcast && pf.promisc & 2 != 0);
+    if !wanted {
+        return; // not for us: a NIC filters it silently
+    }
+    let Some(q) = pf.rx_queue_for(&frame) else {
+        st.nic.pf.stats.rx_discards += 1;
+        return;
+    };
+    if st.rx_backlog[q as usize].len() >= RX_BACKLOG {
+        st.nic.pf.stats.rx_discards += 1;
+        return;
+    }
+    let backlog = &mut st.rx_backlog[q as usize];
+    backlog.push_back(frame);
+    drop(st);
+    drain_rx(core, q);
+}
+
+/// Writes waiting frames into queue `q`'s posted buffers until the backlog or the buffers run out.
+pub(crate) fn drain_rx(core: &Core, q: u16) {
+    let qi = q as usize;
+    let mut delivered = 0;
+    loop {
+        let (generation, cfg, head, frame) = {
+            let mut st = core.lock();
+            core.fold_port_drops(&mut st);
+            let Some(cfg) = st.nic.pf.rx.get(qi).copied().flatten() else { return };
+            if st.nic.pf.rx_enabled & (1 << q) == 0 {
+                return;
+            }
+            let tail = st.nic.regs.get(QRX_TAIL1 + 4 * u64::from(q));
+            let head = st.nic.queues[qi].rx_head;
+            if tail >= cfg.len || head >= cfg.len {
+                drop(st);
+                return disable_rx(core, q, cfg, Mdd::Desc("RX tail or head past the end of the ring"));
+            }
+            let free = (tail + cfg.len - head) % cfg.len;
+            let Some(frame) = st.rx_backlog[qi].front() else { break };
+            let need = frame.len().div_ceil(cfg.buf_size as usize);
+            if frame.len() > cfg.max_frame as usize || need > cfg.len as usize - 1 {
+                // It could never be delivered: waiting for it would block every frame behind it.
+                let len = frame.len();
+                st.rx_backlog[qi].pop_front();
+                st.nic.pf.stats.rx_discards += 1;
+                log::debug!(
+                    "RX queue {q}: frame of {len} bytes dropped (max frame {}, ring of {} x {} bytes)",
+                    cfg.max_frame,
+                    cfg.len,
+                    cfg.buf_size
+                );
+                continue;
+            }
+            if (free as usize) < need {
+                break; // wait for the driver to post buffers
+            }
+            let frame = st.rx_backlog[qi].pop_front().unwrap();
+            (st.generation, cfg, head, frame)
+        };
+        let hash = core.lock().nic.pf.rss_hash(&frame);
+        match rx_frame(core, &cfg, head, &frame, hash) {
+            Ok(next) => {
+                let mut st = core.lock();
+                if st.generation != generation {
+                    return;
+                }
+                // CONFIG_VSI_QUEUES may have replaced the ring (and zeroed the head) while the frame was written.
+                if st.nic.pf.rx.get(qi).copied().flatten() != Some(cfg) {
+                    log::debug!("RX queue {q}: reconfigured during a frame; frame dropped");
+                    st.nic.pf.stats.rx_discards += 1;
+                    return;
+                }
+                st.nic.queues[qi].rx_head = next;
+                st.nic.queues[qi].stats.rx_frames += 1;
+                st.nic.pf.stats.count_rx(&frame);
+                delivered += 1;
+            }
+            Err(e) => return disable_rx(core, q, cfg, e),
+        }
+    }
+    if delivered > 0 {
+        let mut st = core.lock();
+        st.raise_queue(q, true);
+    }
+}
+
+/// Writes one frame into descriptors starting at `head`, buffer by buffer; each descriptor's writeback comes after
+/// its data, and its status qword last (the driver checks DD, then reads the rest). Returns the next head.
+fn rx_frame(core: &Core, cfg: &RxQueue, head: u32, frame: &[u8], hash: Option<u32>) -> Result<u32, Mdd> {
+    let mut i = head;
+    let chunks: Vec<&[u8]> = frame.chunks(cfg.buf_size as usize).collect();
+    for (n, chunk) in chunks.iter().enumerate() {
+        let at = desc_addr(cfg.ring, i, RX_DESC, 0)?;
+        let (at8, at16) = (desc_addr(cfg.ring, i, RX_DESC, 8)?, desc_addr(cfg.ring, i, RX_DESC, 16)?);
+        let mut d = [0u8; 8];
+        core.mem.read(at, &mut d)?;
+        let buf = u64::from_le_bytes(d);
+        core.mem.write(buf, chunk)?;
+        let last = n + 1 == chunks.len();
+        let qw0 = u64::from(hash.unwrap_or(0)) << 32;
+        let mut qw1 = RX_DD | ((chunk.len() as u64) << RX_LEN_SHIFT);
+        if last {
+            // The driver takes ptype and checksum status from the EOF descriptor.
+            qw1 |= RX_EOF | offload::rx_checksum_ok(frame).qword1_bits();
+        }
+        if hash.is_some() {
+            qw1 |= RX_FLTSTAT_RSS;
+        }
+        core.mem.write(at, &qw0.to_le_bytes())?;
+        core.mem.write(at16, &[0u8; 16])?;
+        core.mem.write(at8, &qw1.to_le_bytes())?;
+        i = (i + 1) % cfg.len;
+    }
+    Ok(i)
+}
+
+/// Shuts RX queue `q` down, unless CONFIG_VSI_QUEUES replaced what the failed walk was using.
+fn disable_rx(core: &Core, q: u16, cfg: RxQueue, why: Mdd) {
+    let mut st = core.lock();
+    if st.nic.pf.rx.get(q as usize).copied().flatten() != Some(cfg) {
+        return;
+    }
+    mdd(&mut st);
+    st.nic.pf.rx_enabled &= !(1 << q);
+    st.rx_backlog[q as usize].clear();
+    st.nic.pf.stats.rx_discards += 1;
+    log::error!("RX queue {q} disabled (malicious driver detection): {why}");
+}

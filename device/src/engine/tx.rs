@@ -1,0 +1,150 @@
+//! TX rings: a tail write kicks the datapath worker, which walks the descriptors from the queue's head to the
+//! tail, gathers each frame, applies its offloads and hands the result to the packet sink.
+
+use crate::core::Core;
+use crate::engine::{desc_addr, mdd, Mdd};
+use crate::nic::offload::{self, TxOffload};
+use crate::nic::virtchnl::TxQueue;
+
+pub const TX_DESC: u64 = 16;
+const DTYPE_MASK: u64 = 0xf;
+const DTYPE_DATA: u64 = 0x0;
+const DTYPE_CONTEXT: u64 = 0x1;
+pub const DTYPE_DONE: u64 = 0xf;
+const CMD_EOP: u64 = 1 << 4;
+const BUF_SIZE_SHIFT: u32 = 34;
+const BUF_SIZE_MASK: u64 = 0x3fff;
+/// The most data descriptors a non-TSO frame may use (the hardware limit the driver respects).
+const MAX_FRAGS: usize = 8;
+const MAX_FRAME: usize = 16 * 1024;
+/// A TSO frame: up to 64 KiB of payload plus headers, in up to this many buffers.
+const MAX_TSO_FRAGS: usize = 256;
+const MAX_TSO_FRAME: usize = offload::MAX_TSO_PAYLOAD + 512;
+
+/// Completes every frame between the queue's head and its tail.
+pub(crate) fn process_tx(core: &Core, q: u16) {
+    let qi = q as usize;
+    loop {
+        let (generation, cfg, head, tail) = {
+            let st = core.lock();
+            let Some(cfg) = st.nic.pf.tx.get(qi).copied().flatten() else { return };
+            if st.nic.pf.tx_enabled & (1 << q) == 0 {
+                return;
+            }
+            (st.generation, cfg, st.nic.queues[qi].tx_head, st.tx_tail(q))
+        };
+        if head == tail {
+            return;
+        }
+        if tail >= cfg.len {
+            return disable(core, q, generation, cfg, Mdd::Desc("tail past the end of the ring"));
+        }
+        if head >= cfg.len {
+            return disable(core, q, generation, cfg, Mdd::Desc("head past the end of the ring"));
+        }
+        match tx_frame(core, cfg.ring, cfg.len, head, tail) {
+            Ok(None) => return, // a frame not yet complete up to the tail: wait for more
+            Ok(Some((next, frame, off))) => {
+                // Checksum insertion and TSO happen here, as the NIC does them, so the wire sees finished frames.
+                let segments = offload::apply(&frame, &off);
+                let mut st = core.lock();
+                if st.generation != generation {
+                    return;
+                }
+                // CONFIG_VSI_QUEUES may have replaced the ring (and zeroed the head) during the walk: the old
+                // ring's index means nothing in the new one.
+                if st.nic.pf.tx.get(qi).copied().flatten() != Some(cfg) {
+                    log::debug!("TX queue {q}: reconfigured during a frame; frame dropped");
+                    return;
+                }
+                st.nic.queues[qi].tx_head = next;
+                let segments = match segments {
+                    Ok(s) => s,
+                    Err(e) => {
+                        st.nic.pf.stats.tx_errors += 1;
+                        log::warn!(
+                            "TX queue {q}: frame of {} bytes dropped: offload request invalid: {e}",
+                            frame.len()
+                        );
+                        Vec::new()
+                    }
+                };
+                for seg in &segments {
+                    st.nic.queues[qi].stats.tx_frames += 1;
+                    st.nic.pf.stats.count_tx(seg);
+                }
+                let sink = st.sink.clone();
+                drop(st);
+                for seg in &segments {
+                    sink.transmit(seg);
+                }
+                let mut st = core.lock();
+                if st.generation != generation {
+                    return;
+                }
+                st.raise_queue(q, false);
+            }
+            Err(e) => return disable(core, q, generation, cfg, e),
+        }
+    }
+}
+
+/// Reads one frame starting at `head`; writes DTYPE_DONE into its EOP descriptor. Returns the index after it, the
+/// frame and its offload request, or None if the frame's EOP is not before the tail yet.
+fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32) -> TxResult {
+    let mut frame = Vec::new();
+    let mut i = head;
+    let mut frags = 0;
+    let mut ctx: Option<u64> = None;
+    let mut data_qw1: Option<u64> = None;
+    while i != tail {
+        let at = desc_addr(ring, i, TX_DESC, 0)?;
+        let mut d = [0u8; 16];
+        core.mem.read(at, &mut d)?;
+        let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
+        let qw1 = u64::from_le_bytes(d[8..].try_into().unwrap());
+        let wb = desc_addr(ring, i, TX_DESC, 8)?;
+        i = (i + 1) % len;
+        match qw1 & DTYPE_MASK {
+            DTYPE_CONTEXT => {
+                ctx = Some(qw1); // TSO parameters for the data descriptors that follow
+                continue;
+            }
+            DTYPE_DATA => {}
+            DTYPE_DONE => return Err(Mdd::Desc("descriptor already marked done")),
+            _ => return Err(Mdd::Desc("unknown descriptor type")),
+        }
+        let size = ((qw1 >> BUF_SIZE_SHIFT) & BUF_SIZE_MASK) as usize;
+        frags += 1;
+        let tso = ctx.is_some_and(|c| c & offload::TXD_CTX_QW1_TSO != 0);
+        let (max_frags, max_frame) = if tso { (MAX_TSO_FRAGS, MAX_TSO_FRAME) } else { (MAX_FRAGS, MAX_FRAME) };
+        if size == 0 || frags > max_frags || frame.len() + size > max_frame {
+            return Err(Mdd::Desc("zero-length buffer, too many buffers or an oversized frame"));
+        }
+        data_qw1.get_or_insert(qw1);
+        let start = frame.len();
+        frame.resize(start + size, 0);
+        core.mem.read(addr, &mut frame[start..])?;
+        if qw1 & CMD_EOP != 0 {
+            let done = (qw1 & !DTYPE_MASK) | DTYPE_DONE;
+            core.mem.write(wb, &done.to_le_bytes())?;
+            let off = offload::decode(data_qw1.unwrap_or(qw1), ctx);
+            return Ok(Some((i, frame, off)));
+        }
+    }
+    Ok(None)
+}
+
+type TxResult = Result<Option<(u32, Vec<u8>, TxOffload)>, Mdd>;
+
+/// Shuts TX queue `q` down, unless a reset or CONFIG_VSI_QUEUES replaced what the failed walk was using.
+fn disable(core: &Core, q: u16, generation: u64, cfg: TxQueue, why: Mdd) {
+    let mut st = core.lock();
+    if st.generation != generation || st.nic.pf.tx.get(q as usize).copied().flatten() != Some(cfg) {
+        return;
+    }
+    mdd(&mut st);
+    st.nic.pf.tx_enabled &= !(1 << q);
+    st.nic.pf.stats.tx_errors += 1;
+    log::error!("TX queue {q} disabled (malicious driver detection): {why}");
+}
