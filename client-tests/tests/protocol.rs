@@ -1155,16 +1155,23 @@ fn rule_device_reset_with_payload_einval() {
 }
 
 #[test]
-fn rule_device_feature_and_migration_data_eopnotsupp() {
+fn rule_device_feature_and_migration_data_validated() {
     let (mut s, mut c) = setup();
-    let get_migration = Payload::new().u32(24).u32(1 | 1 << 16).u64(0).build();
-    let probe_logging = Payload::new().u32(16).u32(6 | 1 << 18).build();
-    expect_err(&mut c, cmd::DEVICE_FEATURE, &get_migration, &[], libc::EOPNOTSUPP, "DEVICE_FEATURE GET MIGRATION");
-    expect_err(&mut c, cmd::DEVICE_FEATURE, &probe_logging, &[], libc::EOPNOTSUPP, "DEVICE_FEATURE PROBE");
-    let read = Payload::new().u32(16).u32(0).u64(4096).build();
-    expect_err(&mut c, cmd::MIG_DATA_READ, &read, &[], libc::EOPNOTSUPP, "MIG_DATA_READ");
-    let write = Payload::new().u32(20).u32(0).u64(4).u32(0).build();
-    expect_err(&mut c, cmd::MIG_DATA_WRITE, &write, &[], libc::EOPNOTSUPP, "MIG_DATA_WRITE");
+    // GET MIGRATION answers STOP_COPY | PRE_COPY; PROBE answers without acting.
+    let r = c.call(cmd::DEVICE_FEATURE, &Payload::new().u32(24).u32(1 | 1 << 16).u64(0).build(), &[]).ok("GET");
+    assert_eq!((r.u32_at(0), r.u64_at(8)), (16, 5), "argsz and migration flags");
+    let probe_logging = Payload::new().u32(16).u32(6 | 1 << 17 | 1 << 18).build();
+    let r = c.call(cmd::DEVICE_FEATURE, &probe_logging, &[]).ok("PROBE SET DMA_LOGGING_START");
+    assert_eq!(r.payload, probe_logging, "a probe reply echoes the request");
+    let probe_get_start = Payload::new().u32(16).u32(6 | 1 << 16 | 1 << 18).build();
+    expect_err(&mut c, cmd::DEVICE_FEATURE, &probe_get_start, &[], EINVAL, "PROBE GET of a SET-only feature");
+    expect_err(&mut c, cmd::DEVICE_FEATURE, &Payload::new().u32(16).u32(3 | 1 << 16).build(), &[], libc::ENOTTY, "feature 3");
+    expect_err(&mut c, cmd::DEVICE_FEATURE, &Payload::new().u32(8).u32(1 | 1 << 16).build(), &[], EINVAL, "argsz 8");
+    // Migration data outside the states that allow it.
+    let read = Payload::new().u32(8 + 4096).u32(4096).build();
+    expect_err(&mut c, cmd::MIG_DATA_READ, &read, &[], EINVAL, "MIG_DATA_READ in RUNNING");
+    let write = Payload::new().u32(12).u32(4).u32(0).build();
+    expect_err(&mut c, cmd::MIG_DATA_WRITE, &write, &[], EINVAL, "MIG_DATA_WRITE in RUNNING");
     s.assert_alive();
 }
 

@@ -247,11 +247,15 @@ pub(crate) struct RxGate {
     pub paused: RwLock<bool>,
 }
 
+/// Told when the last worker parks.
+pub(crate) type PauseNotifier = Arc<dyn Fn() + Send + Sync>;
+
 /// Workers park here while the device is paused.
 #[derive(Default)]
 pub(crate) struct PauseGate {
     m: Mutex<(bool, usize)>,
     cv: Condvar,
+    notify: Mutex<Option<PauseNotifier>>,
 }
 
 impl PauseGate {
@@ -273,6 +277,11 @@ impl PauseGate {
         }
         g.1 += 1;
         self.cv.notify_all();
+        if g.1 == crate::engine::worker::COUNT {
+            if let Some(n) = self.notify.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                n();
+            }
+        }
         while g.0 {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
@@ -291,6 +300,10 @@ impl PauseGate {
             g = self.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
         }
         true
+    }
+
+    pub fn set_notifier(&self, n: PauseNotifier) {
+        *self.notify.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
     }
 
     pub fn parked(&self) -> usize {

@@ -19,6 +19,7 @@ mod net;
 pub mod nic;
 pub mod pci;
 mod state;
+pub mod stream;
 mod vf;
 mod vfio;
 
@@ -36,4 +37,4 @@ pub use state::{
     MAX_HELD_WRITES,
 };
 pub use vf::{I40eVf, PfResetHandle, Stats, CONFIG_REGION, NUM_REGIONS};
-pub use vfio::{DevResult, Errno, IrqAction, IrqData, IrqInfo, RegionInfo, RegionMmap, VfioDevice};
+pub use vfio::{DevResult, Errno, IrqAction, IrqData, IrqInfo, Migratable, RegionInfo, RegionMmap, VfioDevice};

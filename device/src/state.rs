@@ -320,6 +320,15 @@ mod tests {
             prop_assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), s);
         }
 
+        /// A valid state survives the migration stream (docs/migration-stream.md) unchanged.
+        #[test]
+        fn stream_round_trip(s in any::<DeviceState>()) {
+            let s = sanitize(s, &cfg(false));
+            let rec = crate::stream::encode_state(&s, &[]);
+            let (back, _) = crate::stream::decode_state(&crate::stream::parse_record(&rec).unwrap(), &[]).unwrap();
+            prop_assert_eq!(back, s);
+        }
+
         /// A valid state loaded into a device and saved again is the same state, in both doorbell modes.
         #[test]
         fn load_then_save_is_identity(s in any::<DeviceState>(), mmap in any::<bool>()) {

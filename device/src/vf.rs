@@ -23,7 +23,8 @@ use crate::nic::regs::*;
 use crate::nic::stats::{EthStats, QueueStats};
 use crate::pci::{self, msix};
 use crate::state::{Counters, DeviceState, Identity, StateError, MAX_HELD_WRITES};
-use crate::vfio::{DevResult, Errno, IrqAction, IrqData, IrqInfo, RegionInfo, RegionMmap, VfioDevice};
+use crate::stream::{self, Extra};
+use crate::vfio::{DevResult, Errno, IrqAction, IrqData, IrqInfo, Migratable, RegionInfo, RegionMmap, VfioDevice};
 
 pub const NUM_REGIONS: u32 = 9;
 pub const CONFIG_REGION: u32 = 7;
@@ -395,6 +396,46 @@ impl Drop for I40eVf {
     }
 }
 
+impl Migratable for I40eVf {
+    fn request_pause(&self) {
+        I40eVf::request_pause(self)
+    }
+
+    fn is_paused(&self) -> bool {
+        I40eVf::is_paused(self)
+    }
+
+    fn resume(&self) {
+        I40eVf::resume(self)
+    }
+
+    fn set_pause_notifier(&self, notify: Arc<dyn Fn() + Send + Sync>) {
+        self.core.pause.set_notifier(notify);
+    }
+
+    fn compat_record(&self) -> Vec<u8> {
+        stream::encode_compat(&self.identity())
+    }
+
+    fn state_record(&self, extras: &[Extra]) -> Result<Vec<u8>, String> {
+        let s = self.save().map_err(|e| e.to_string())?;
+        Ok(stream::encode_state(&s, extras))
+    }
+
+    fn check_compat(&self, record: &[u8]) -> Result<(), String> {
+        let r = stream::parse_record(record).map_err(|e| e.to_string())?;
+        let id = stream::decode_identity(&r).map_err(|e| e.to_string())?;
+        id.check(&self.identity()).map_err(|e| e.to_string())
+    }
+
+    fn load_record(&self, record: &[u8], extra_kinds: &[u16]) -> Result<Vec<Extra>, String> {
+        let r = stream::parse_record(record).map_err(|e| e.to_string())?;
+        let (state, extras) = stream::decode_state(&r, extra_kinds).map_err(|e| e.to_string())?;
+        self.load(&state).map_err(|e| e.to_string())?;
+        Ok(extras)
+    }
+}
+
 impl VfioDevice for I40eVf {
     fn num_regions(&self) -> u32 {
         NUM_REGIONS
@@ -460,6 +501,10 @@ impl VfioDevice for I40eVf {
     fn reset(&mut self) {
         log::info!("device reset");
         self.core.lock().reset(&self.core.cfg);
+    }
+
+    fn migration(&self) -> Option<&dyn Migratable> {
+        Some(self)
     }
 
     fn client_gone(&mut self) {

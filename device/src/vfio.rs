@@ -3,6 +3,9 @@
 
 use std::fmt;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use crate::stream::Extra;
 
 /// An errno for the reply, with the reason already logged by whoever chose it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -98,4 +101,28 @@ pub trait VfioDevice: Send {
     fn reset(&mut self);
     /// The client went away: forget everything it gave us (eventfds), keep device state.
     fn client_gone(&mut self);
+    /// The device's migration support, if it has any.
+    fn migration(&self) -> Option<&dyn Migratable> {
+        None
+    }
+}
+
+/// What vfio-user migration v2 needs from a device: a freeze that may take a moment (the server waits for it
+/// without blocking), and its state as stream records (docs/migration-stream.md).
+pub trait Migratable {
+    /// Starts a freeze and returns at once; [`Migratable::is_paused`] says when it is complete.
+    fn request_pause(&self);
+    fn is_paused(&self) -> bool;
+    fn resume(&self);
+    /// Called (on a device thread) when a requested pause completes.
+    fn set_pause_notifier(&self, notify: Arc<dyn Fn() + Send + Sync>);
+    /// The PRE_COPY record: what a destination must match.
+    fn compat_record(&self) -> Vec<u8>;
+    /// The STOP_COPY record, with the caller's extra sections; needs a complete pause.
+    fn state_record(&self, extras: &[Extra]) -> Result<Vec<u8>, String>;
+    /// Checks a compat record against this device (a destination refusing an incompatible source early).
+    fn check_compat(&self, record: &[u8]) -> Result<(), String>;
+    /// Loads a state record (needs a complete pause); returns the extra sections of `extra_kinds` it carried.
+    /// On error nothing changed.
+    fn load_record(&self, record: &[u8], extra_kinds: &[u16]) -> Result<Vec<Extra>, String>;
 }

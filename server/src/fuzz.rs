@@ -10,8 +10,9 @@ use device::mem::GuestMem;
 use device::{I40eVf, VfConfig, VfioDevice};
 
 use crate::conn::{Event, Framer, Incoming, READ_CHUNK};
-use crate::handlers::{Ctx, Negotiated};
+use crate::handlers::{Ctx, Negotiated, Step};
 use crate::limits::Limits;
+use crate::migration::Migration;
 use crate::wire::*;
 
 /// Framing only: events and their payloads, not fds.
@@ -83,11 +84,10 @@ pub fn handlers(data: &[u8]) {
     let mem = GuestMem::new();
     let mut dev = I40eVf::new(VfConfig::default(), mem.clone());
     let limits = Limits { max_dma_maps: 8, max_data_xfer: 64 << 10, ..Limits::default() };
-    let mut negotiated = (inp.u8() & 1 == 1).then_some(Negotiated {
-        client_max_xfer: 1 << 20,
-        client_max_fds: 16,
-        write_multiple: true,
-    });
+    let first = inp.u8();
+    let mut negotiated =
+        (first & 1 == 1).then_some(Negotiated { client_max_xfer: 1 << 20, client_max_fds: 16, write_multiple: true });
+    let mut mig = Migration::new(first & 2 != 0);
     while !inp.is_empty() {
         let cmd = u16::from(inp.u8() % 20);
         let flags = u32::from(inp.u8() & 0x31);
@@ -103,10 +103,22 @@ pub fn handlers(data: &[u8]) {
         };
         let header = Header { id: 1, cmd, size: (HEADER_SIZE + payload.len()) as u32, flags, errno: 0 };
         let mut m = Incoming { header, payload, fds, fds_truncated: nfds & 0x80 != 0 };
-        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut negotiated, limits: &limits };
-        if let Ok(r) = ctx.handle(&mut m) {
-            assert!(r.payload.len() <= limits.max_msg(), "a {}-byte reply", r.payload.len());
-            assert!(r.fds.len() <= 1, "a reply with {} fds", r.fds.len());
+        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut negotiated, limits: &limits, mig: &mut mig };
+        match ctx.handle(&mut m) {
+            Step::Reply(Ok(r)) => {
+                assert!(r.payload.len() <= limits.max_msg(), "a {}-byte reply", r.payload.len());
+                assert!(r.fds.len() <= 1, "a reply with {} fds", r.fds.len());
+            }
+            Step::Reply(Err(_)) => {}
+            Step::Wait => {
+                // In-process, nothing waits for a DMA reply, so the device stops promptly.
+                let m = dev.migration().expect("only a migrating device waits");
+                let t = std::time::Instant::now();
+                while mig.poll(m, &mem).is_none() {
+                    assert!(t.elapsed() < std::time::Duration::from_secs(10), "the device never stopped");
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
         }
         assert!(mem.len() <= limits.max_dma_maps, "{} mappings past the limit", mem.len());
     }

@@ -12,6 +12,7 @@ use vfio_bindings::bindings::vfio::*;
 
 use crate::conn::Incoming;
 use crate::limits::Limits;
+use crate::migration::{MigState, Migration, Progress};
 use crate::wire::*;
 
 pub const MAX_MSG_FDS: usize = 16;
@@ -21,6 +22,7 @@ const PAGE: u64 = 4096;
 const MAX_WRITE_MULTI: u64 = 200;
 
 pub const E2BIG: Errno = Errno(libc::E2BIG);
+pub const ENOTTY: Errno = Errno(libc::ENOTTY);
 pub const ENOSYS: Errno = Errno(libc::ENOSYS);
 pub const ENOSPC: Errno = Errno(libc::ENOSPC);
 
@@ -46,6 +48,39 @@ impl From<Writer> for Reply {
 
 pub type HResult = Result<Reply, Errno>;
 
+/// What a handler did: a reply now, or (a migration transition waiting for the device to stop) later, from the
+/// event loop.
+pub enum Step {
+    Reply(HResult),
+    Wait,
+}
+
+impl From<HResult> for Step {
+    fn from(r: HResult) -> Self {
+        Step::Reply(r)
+    }
+}
+
+/// DEVICE_FEATURE flags and feature indexes (vfio uapi).
+pub mod feature {
+    pub const MASK: u32 = 0xffff;
+    pub const GET: u32 = 1 << 16;
+    pub const SET: u32 = 1 << 17;
+    pub const PROBE: u32 = 1 << 18;
+    pub const MIGRATION: u32 = 1;
+    pub const MIG_DEVICE_STATE: u32 = 2;
+    pub const DMA_LOGGING_START: u32 = 6;
+    pub const DMA_LOGGING_STOP: u32 = 7;
+    pub const DMA_LOGGING_REPORT: u32 = 8;
+    /// VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY.
+    pub const MIGRATION_FLAGS: u64 = 1 | 4;
+}
+
+/// The reply to MIG_DEVICE_STATE: argsz, flags, the state, data_fd (unused in vfio-user: -1).
+pub fn mig_state_reply(flags: u32, state: MigState) -> Reply {
+    Writer::default().u32(16).u32(flags).u32(state as u32).u32(u32::MAX).into()
+}
+
 /// Logs why a request is rejected and yields its errno.
 macro_rules! reject {
     ($errno:expr, $($arg:tt)*) => {{
@@ -59,11 +94,19 @@ pub struct Ctx<'a, D: VfioDevice> {
     pub mem: &'a GuestMem,
     pub negotiated: &'a mut Option<Negotiated>,
     pub limits: &'a Limits,
+    pub mig: &'a mut Migration,
 }
 
 impl<D: VfioDevice> Ctx<'_, D> {
     /// Checks that apply to every command, then dispatches.
-    pub fn handle(&mut self, msg: &mut Incoming) -> HResult {
+    pub fn handle(&mut self, msg: &mut Incoming) -> Step {
+        if msg.header.cmd == CMD_DEVICE_FEATURE && self.negotiated.is_some() && self.common_checks(msg).is_ok() {
+            return self.device_feature(&msg.payload);
+        }
+        self.handle_plain(msg).into()
+    }
+
+    fn common_checks(&self, msg: &Incoming) -> Result<(), Errno> {
         let h = msg.header;
         let name = command_name(h.cmd);
         if h.has_unknown_flags() || h.flags & FLAG_ERROR != 0 {
@@ -75,6 +118,13 @@ impl<D: VfioDevice> Ctx<'_, D> {
         if !msg.fds.is_empty() && !matches!(h.cmd, CMD_DMA_MAP | CMD_DEVICE_SET_IRQS) {
             reject!(Errno::EINVAL, "{name}: takes no fds but {} came with it (closed)", msg.fds.len());
         }
+        Ok(())
+    }
+
+    fn handle_plain(&mut self, msg: &mut Incoming) -> HResult {
+        let h = msg.header;
+        let name = command_name(h.cmd);
+        self.common_checks(msg)?;
         if self.negotiated.is_none() && h.cmd != CMD_VERSION {
             reject!(Errno::EINVAL, "{name} before VERSION");
         }
@@ -92,9 +142,9 @@ impl<D: VfioDevice> Ctx<'_, D> {
             CMD_REGION_WRITE => self.region_write(p),
             CMD_REGION_WRITE_MULTI => self.region_write_multi(p),
             CMD_DEVICE_RESET => self.reset(p),
-            CMD_DEVICE_FEATURE | CMD_MIG_DATA_READ | CMD_MIG_DATA_WRITE => {
-                reject!(Errno::ENOTSUP, "{name}: migration is not supported yet")
-            }
+            CMD_DEVICE_FEATURE => reject!(Errno::EINVAL, "DEVICE_FEATURE: not dispatched"),
+            CMD_MIG_DATA_READ => self.mig_data_read(p),
+            CMD_MIG_DATA_WRITE => self.mig_data_write(p),
             CMD_DMA_READ | CMD_DMA_WRITE => reject!(Errno::EINVAL, "{name} is a server-to-client command"),
             c => reject!(ENOSYS, "unknown command {c}"),
         }
@@ -428,6 +478,175 @@ impl<D: VfioDevice> Ctx<'_, D> {
             reject!(Errno::EINVAL, "DEVICE_RESET: unexpected {} payload bytes", p.len());
         }
         self.device.reset();
+        if let Some(m) = self.device.migration() {
+            self.mig.reset(m);
+        }
+        Ok(Reply::default())
+    }
+
+    /// DEVICE_FEATURE: migration (v2) and DMA logging; any other feature gets ENOTTY, as from the kernel.
+    fn device_feature(&mut self, p: &[u8]) -> Step {
+        self.feature(p).unwrap_or_else(|e| Step::Reply(Err(e)))
+    }
+
+    fn feature(&mut self, p: &[u8]) -> Result<Step, Errno> {
+        use feature::*;
+        let mut r = Reader::new(p);
+        let (Some(argsz), Some(flags)) = (r.u32(), r.u32()) else {
+            reject!(Errno::EINVAL, "DEVICE_FEATURE: payload of {} bytes, need 8", p.len());
+        };
+        let data = r.rest();
+        let (index, get, set, probe) = (flags & MASK, flags & GET != 0, flags & SET != 0, flags & PROBE != 0);
+        if flags & !(MASK | GET | SET | PROBE) != 0 || (get && set && !probe) || !(get || set || probe) {
+            reject!(Errno::EINVAL, "DEVICE_FEATURE: flags {flags:#x}: one of GET, SET (or PROBE with either)");
+        }
+        let (can_get, can_set) = match index {
+            MIGRATION | DMA_LOGGING_REPORT => (true, false),
+            MIG_DEVICE_STATE => (true, true),
+            DMA_LOGGING_START | DMA_LOGGING_STOP => (false, true),
+            _ => reject!(ENOTTY, "DEVICE_FEATURE: feature {index} is not supported"),
+        };
+        let Some(dev) = self.device.migration() else {
+            reject!(ENOTTY, "DEVICE_FEATURE: this device does not migrate");
+        };
+        if (get && !can_get) || (set && !can_set) {
+            reject!(
+                Errno::EINVAL,
+                "DEVICE_FEATURE: feature {index} does not support {}",
+                if get { "GET" } else { "SET" }
+            );
+        }
+        if probe {
+            return Ok(Step::Reply(Ok(Writer::default().bytes(p).into())));
+        }
+        let fixed = |need: u32, what: &str| -> Result<(), Errno> {
+            if argsz < need {
+                reject!(Errno::EINVAL, "DEVICE_FEATURE {what}: argsz {argsz}, the reply needs {need}");
+            }
+            Ok(())
+        };
+        Ok(Step::Reply(match index {
+            MIGRATION => {
+                fixed(16, "MIGRATION")?;
+                Ok(Writer::default().u32(16).u32(flags).u64(MIGRATION_FLAGS).into())
+            }
+            MIG_DEVICE_STATE if get => {
+                fixed(16, "MIG_DEVICE_STATE")?;
+                Ok(mig_state_reply(flags, self.mig.state()))
+            }
+            MIG_DEVICE_STATE => {
+                fixed(16, "MIG_DEVICE_STATE")?;
+                let Some(raw) = Reader::new(data).u32() else {
+                    reject!(Errno::EINVAL, "MIG_DEVICE_STATE SET: {} data bytes, need 8", data.len());
+                };
+                let target = match MigState::from_u32(raw) {
+                    Some(MigState::Error) | None => {
+                        reject!(Errno::EINVAL, "MIG_DEVICE_STATE SET: state {raw} cannot be requested (P2P states and ERROR are not offered)")
+                    }
+                    Some(t) => t,
+                };
+                match self.mig.set_state(target, dev, self.mem)? {
+                    Progress::Done => Ok(mig_state_reply(flags, self.mig.state())),
+                    Progress::Waiting => return Ok(Step::Wait),
+                }
+            }
+            DMA_LOGGING_START => self.logging_start(flags, data),
+            DMA_LOGGING_STOP => {
+                if !self.mem.stop_logging() {
+                    log::info!("DMA_LOGGING_STOP while logging was off");
+                } else {
+                    log::info!("DMA logging stopped");
+                }
+                Ok(Writer::default().bytes(p).into())
+            }
+            _ => self.logging_report(argsz, flags, data),
+        }))
+    }
+
+    fn logging_start(&mut self, flags: u32, data: &[u8]) -> HResult {
+        let mut r = Reader::new(data);
+        let (Some(page_size), Some(n), Some(_)) = (r.u64(), r.u32(), r.u32()) else {
+            reject!(Errno::EINVAL, "DMA_LOGGING_START: {} data bytes, need 16 + 16 per range", data.len());
+        };
+        if n as usize > device::mem::MAX_LOG_RANGES || data.len() != 16 + 16 * n as usize {
+            reject!(Errno::EINVAL, "DMA_LOGGING_START: {n} ranges in {} data bytes", data.len());
+        }
+        let ranges: Vec<(u64, u64)> = (0..n).map(|_| (r.u64().unwrap_or(0), r.u64().unwrap_or(0))).collect();
+        let chosen = self.mem.start_logging(page_size, &ranges, self.mig.audit_enabled())?;
+        log::info!(
+            "DMA logging started: {} pages, {}",
+            chosen,
+            if n == 0 { "all memory".to_string() } else { format!("{n} ranges") }
+        );
+        Ok(Writer::default().u32(8 + data.len() as u32).u32(flags).u64(chosen).bytes(&data[8..]).into())
+    }
+
+    fn logging_report(&mut self, argsz: u32, flags: u32, data: &[u8]) -> HResult {
+        let mut r = Reader::new(data);
+        let (Some(iova), Some(len), Some(page_size)) = (r.u64(), r.u64(), r.u64()) else {
+            reject!(Errno::EINVAL, "DMA_LOGGING_REPORT: {} data bytes, need 24", data.len());
+        };
+        if data.len() != 24 || page_size == 0 {
+            reject!(Errno::EINVAL, "DMA_LOGGING_REPORT: {} data bytes / page size {page_size}", data.len());
+        }
+        let words = (len / page_size).div_ceil(64);
+        let need = 8 + 24 + 8 * words;
+        let max = self.negotiated.as_ref().map_or(1 << 20, |n| n.client_max_xfer) as u64;
+        if 8 * words > max {
+            reject!(
+                E2BIG,
+                "DMA_LOGGING_REPORT: a {}-byte bitmap exceeds the client's max_data_xfer_size {max}",
+                8 * words
+            );
+        }
+        if u64::from(argsz) < need {
+            reject!(Errno::EINVAL, "DMA_LOGGING_REPORT: argsz {argsz}, the bitmap needs {need}");
+        }
+        let bits = self.mem.report(iova, len, page_size)?;
+        let mut w = Writer(Vec::with_capacity(need as usize)).u32(need as u32).u32(flags).bytes(data);
+        for b in bits {
+            w = w.u64(b);
+        }
+        Ok(w.into())
+    }
+
+    fn mig_data_read(&mut self, p: &[u8]) -> HResult {
+        let mut r = Reader::new(p);
+        let (Some(argsz), Some(size)) = (r.u32(), r.u32()) else {
+            reject!(Errno::EINVAL, "MIG_DATA_READ: payload of {} bytes, need 8", p.len());
+        };
+        let max = self.negotiated.as_ref().map_or(1 << 20, |n| n.client_max_xfer).min(self.limits.max_data_xfer);
+        if p.len() != 8 || size as usize > max {
+            reject!(
+                if p.len() != 8 { Errno::EINVAL } else { E2BIG },
+                "MIG_DATA_READ: size {size} (at most {max}), payload {}",
+                p.len()
+            );
+        }
+        if (argsz as u64) < 8 + u64::from(size) {
+            reject!(Errno::EINVAL, "MIG_DATA_READ: argsz {argsz} < 8 + size {size}");
+        }
+        let data = self.mig.read(size as usize)?;
+        Ok(Writer(Vec::with_capacity(8 + data.len()))
+            .u32(8 + data.len() as u32)
+            .u32(data.len() as u32)
+            .bytes(data)
+            .into())
+    }
+
+    fn mig_data_write(&mut self, p: &[u8]) -> HResult {
+        let mut r = Reader::new(p);
+        let (Some(_argsz), Some(size)) = (r.u32(), r.u32()) else {
+            reject!(Errno::EINVAL, "MIG_DATA_WRITE: payload of {} bytes, need 8 + data", p.len());
+        };
+        let data = r.rest();
+        if data.len() != size as usize {
+            reject!(Errno::EINVAL, "MIG_DATA_WRITE: size {size} but {} data bytes", data.len());
+        }
+        let Some(dev) = self.device.migration() else {
+            reject!(ENOTTY, "MIG_DATA_WRITE: this device does not migrate");
+        };
+        self.mig.write(data, dev)?;
         Ok(Reply::default())
     }
 }
@@ -574,7 +793,8 @@ mod tests {
         let mem = GuestMem::new();
         let mut neg = Some(Negotiated { client_max_xfer: 1 << 20, client_max_fds: 16, write_multiple: false });
         let limits = Limits::default();
-        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut neg, limits: &limits };
+        let mut mig = Migration::new(false);
+        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut neg, limits: &limits, mig: &mut mig };
         let req = |argsz: u32| Writer::default().u32(argsz).u32(0).u32(0).u32(0).u64(0).u64(0).0;
         let need = 32 + 8 + 8 + 2 * 16;
 

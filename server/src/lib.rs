@@ -8,6 +8,7 @@ pub mod dma;
 pub mod fuzz;
 pub mod handlers;
 pub mod limits;
+pub mod migration;
 pub mod server;
 pub mod sys;
 pub mod wire;

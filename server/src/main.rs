@@ -81,6 +81,12 @@ struct Cli {
     #[arg(long, value_name = "MS", default_value_t = 0)]
     idle_timeout_ms: u64,
 
+    /// Migration audit: as a source, add to the STOP_COPY data a digest of every page the device wrote while dirty
+    /// logging was on; as a destination, compare those pages with its own memory at STOP -> RUNNING and log every
+    /// page that differs (the VMM lost device writes). See docs/migration.md.
+    #[arg(long)]
+    migration_audit: bool,
+
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -182,7 +188,7 @@ fn run(cli: Cli) -> std::io::Result<()> {
         (None, None) => unreachable!("clap requires --socket or --fd"),
     };
     log::info!("limits: {limits:?}, ARQ queue {}", cli.max_arq_queued);
-    let mut server = Server::new(vf, mem, endpoint, limits)?;
+    let mut server = Server::new(vf, mem, endpoint, limits, cli.migration_audit)?;
     server.stop_on(signals)?;
     server.run()
 }

@@ -15,8 +15,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::conn::{Conn, Event, Incoming, ReadStatus};
 use crate::dma::{DmaOp, DmaRequest, RemoteDma};
-use crate::handlers::{Ctx, Negotiated};
+use crate::handlers::{mig_state_reply, Ctx, Negotiated, Step};
 use crate::limits::Limits;
+use crate::migration::Migration;
 use crate::wire::*;
 
 const LISTENER: Token = Token(0);
@@ -26,6 +27,8 @@ const SIGNAL: Token = Token(3);
 /// A client that stops reading our replies may not make us buffer without limit: past this much queued output we
 /// stop reading its requests until the socket drains to half of it.
 const MAX_QUEUED_OUTPUT: usize = 8 << 20;
+/// Commands a client may pipeline behind a migration transition that waits for the device, in bytes.
+const MAX_HELD_INPUT: usize = 8 << 20;
 
 /// Where clients come from.
 pub enum Endpoint {
@@ -56,6 +59,12 @@ struct Session {
     next_id: u16,
     /// When bytes last arrived: with `--idle-timeout`, a half message older than that closes the connection.
     last_input: Instant,
+    /// A MIG_DEVICE_STATE SET waiting for the device to stop: its header and flags, for the reply.
+    deferred: Option<(Header, u32)>,
+    /// Commands that arrived meanwhile, handled in order once it completes (replies to our DMA requests are not
+    /// held: the device may be waiting for one).
+    held: std::collections::VecDeque<Incoming>,
+    held_bytes: usize,
 }
 
 pub struct Server<D: VfioDevice> {
@@ -70,15 +79,28 @@ pub struct Server<D: VfioDevice> {
     signals: Option<UnixStream>,
     waiting_logged: bool,
     limits: Limits,
+    mig: Migration,
     /// Last, so it is dropped after the session and the DMA channel: its workers may be waiting on them.
     device: D,
 }
 
 impl<D: VfioDevice> Server<D> {
     /// `mem` is the same `GuestMem` the device was built with.
-    pub fn new(device: D, mem: GuestMem, endpoint: Endpoint, limits: Limits) -> io::Result<Self> {
+    pub fn new(
+        device: D,
+        mem: GuestMem,
+        endpoint: Endpoint,
+        limits: Limits,
+        migration_audit: bool,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        if let Some(m) = device.migration() {
+            let w = waker.clone();
+            m.set_pause_notifier(Arc::new(move || {
+                let _ = w.wake();
+            }));
+        }
         let (dma_tx, dma_rx) = unbounded();
         let mut s = Server {
             mem,
@@ -92,6 +114,7 @@ impl<D: VfioDevice> Server<D> {
             signals: None,
             waiting_logged: false,
             limits,
+            mig: Migration::new(migration_audit),
             device,
         };
         match endpoint {
@@ -136,7 +159,10 @@ impl<D: VfioDevice> Server<D> {
                     LISTENER => {} // accepted below
                     // A hang-up that came with the last bytes raises no later edge: read until the end then.
                     CLIENT => self.service_client(ev.is_read_closed() || ev.is_error()),
-                    WAKER => self.send_dma_requests(),
+                    WAKER => {
+                        self.send_dma_requests();
+                        self.finish_transition();
+                    }
                     SIGNAL => {
                         log::info!("signal received: shutting down");
                         self.close_session("server shutting down");
@@ -217,6 +243,9 @@ impl<D: VfioDevice> Server<D> {
             pending: HashMap::new(),
             next_id: 0,
             last_input: Instant::now(),
+            deferred: None,
+            held: Default::default(),
+            held_bytes: 0,
         });
         // The client may already have sent data (and hung up) before we registered; edge-triggered polling would
         // not say so.
@@ -235,8 +264,14 @@ impl<D: VfioDevice> Server<D> {
         let Some(mut s) = self.session.take() else { return };
         let _ = self.poll.registry().deregister(&mut s.conn.stream);
         let maps = self.mem.len();
+        if self.mem.stop_logging() {
+            log::info!("DMA logging stopped: its client is gone");
+        }
         self.mem.set_transport(None);
         self.mem.unmap_all();
+        if let Some(m) = self.device.migration() {
+            self.mig.client_gone(m);
+        }
         self.device.client_gone();
         log::info!(
             "client {} disconnected ({why}): dropped {maps} DMA mappings, its eventfds and {} outstanding DMA requests",
@@ -349,6 +384,15 @@ impl<D: VfioDevice> Server<D> {
                         reply_error(s, &m.header, libc::EINVAL);
                     }
                 }
+                Event::Message(m) if s.deferred.is_some() => {
+                    s.held_bytes += m.payload.len();
+                    if s.held_bytes > MAX_HELD_INPUT {
+                        return Err(format!(
+                            "more than {MAX_HELD_INPUT} bytes of commands pipelined behind a pending state transition"
+                        ));
+                    }
+                    s.held.push_back(m);
+                }
                 Event::Message(m) => self.handle_command(m),
             }
         }
@@ -363,9 +407,22 @@ impl<D: VfioDevice> Server<D> {
             Err(Errno::EINVAL)
         } else {
             let was_negotiated = s.negotiated.is_some();
-            let mut ctx =
-                Ctx { device: &mut self.device, mem: &self.mem, negotiated: &mut s.negotiated, limits: &self.limits };
-            let r = ctx.handle(&mut m);
+            let mut ctx = Ctx {
+                device: &mut self.device,
+                mem: &self.mem,
+                negotiated: &mut s.negotiated,
+                limits: &self.limits,
+                mig: &mut self.mig,
+            };
+            let r = match ctx.handle(&mut m) {
+                Step::Reply(r) => r,
+                Step::Wait => {
+                    let flags = Reader::new(m.payload.get(4..).unwrap_or_default()).u32().unwrap_or(0);
+                    log::debug!("{} id {}: waiting for the device to stop", command_name(h.cmd), h.id);
+                    s.deferred = Some((h, flags));
+                    return;
+                }
+            };
             if !was_negotiated {
                 if let Some(n) = &s.negotiated {
                     let dma = RemoteDma {
@@ -387,6 +444,33 @@ impl<D: VfioDevice> Server<D> {
             Err(e) => (TYPE_REPLY | FLAG_ERROR, e.0 as u32, Default::default()),
         };
         s.conn.queue(message(h.id, h.cmd, flags, errno, &reply.payload), reply.fds);
+    }
+
+    /// Finishes a state transition that waited for the device to stop, replies, and handles the commands that
+    /// arrived meanwhile (until one waits again).
+    fn finish_transition(&mut self) {
+        let Some(dev) = self.device.migration() else { return };
+        let Some(result) = self.mig.poll(dev, &self.mem) else { return };
+        let Some(s) = &mut self.session else { return };
+        let Some((h, flags)) = s.deferred.take() else { return };
+        if !h.no_reply() {
+            match result {
+                Ok(()) => {
+                    let r = mig_state_reply(flags, self.mig.state());
+                    s.conn.queue(message(h.id, h.cmd, TYPE_REPLY, 0, &r.payload), vec![]);
+                }
+                Err(e) => reply_error(s, &h, e.0),
+            }
+        }
+        while let Some(s) = &mut self.session {
+            if s.deferred.is_some() {
+                break;
+            }
+            let Some(m) = s.held.pop_front() else { break };
+            s.held_bytes -= m.payload.len();
+            self.handle_command(m);
+        }
+        self.flush();
     }
 
     /// Sends the DMA requests device workers queued; a request for a session that has ended fails at once.

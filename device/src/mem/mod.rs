@@ -64,8 +64,71 @@ struct Region {
     readable: bool,
     writable: bool,
     backing: Backing,
-    dirty: PageBitmap,
+    /// Only while dirty logging is on, and only for memory the device writes directly (fd-backed).
+    log: Option<RegionLog>,
 }
+
+/// A region's dirty bitmaps while logging: what REPORT harvests, and (with the audit) every page written since
+/// logging started.
+struct RegionLog {
+    dirty: PageBitmap,
+    ever: Option<PageBitmap>,
+}
+
+impl RegionLog {
+    #[inline]
+    fn mark(&self, addr: u64, len: u64) {
+        self.dirty.mark(addr, len);
+        if let Some(e) = &self.ever {
+            e.mark(addr, len);
+        }
+    }
+}
+
+/// Dirty logging as DMA_LOGGING_START set it up.
+struct LogState {
+    page_size: u64,
+    /// Ranges to log, sorted and disjoint; empty means everything.
+    ranges: Vec<(u64, u64)>,
+    audit: bool,
+    /// Bitmaps of regions unmapped while logging: what the device wrote there is still reported.
+    retired: Vec<RegionLog>,
+}
+
+impl LogState {
+    fn covers(&self, iova: u64, size: u64) -> bool {
+        self.ranges.is_empty() || self.ranges.iter().any(|&(a, l)| a < iova + size && iova < a + l)
+    }
+
+    fn new_log(&self, iova: u64, size: u64) -> Option<RegionLog> {
+        self.covers(iova, size).then(|| RegionLog {
+            dirty: PageBitmap::new(iova, size, self.page_size),
+            ever: self.audit.then(|| PageBitmap::new(iova, size, self.page_size)),
+        })
+    }
+
+    /// Whether `[iova, iova + len)` lies inside the logged ranges.
+    fn contains(&self, iova: u64, len: u64) -> bool {
+        if self.ranges.is_empty() {
+            return true;
+        }
+        let mut at = iova;
+        for &(a, l) in &self.ranges {
+            if a <= at && at < a + l {
+                at = a + l;
+                if at >= iova + len {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Ranges DMA_LOGGING_START may name, at most.
+pub const MAX_LOG_RANGES: usize = 4096;
+/// Bitmaps of regions unmapped while logging that are kept for REPORT, at most.
+const MAX_RETIRED: usize = 4096;
 
 /// A DMA mapping as listed by [`GuestMem::mappings`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +144,7 @@ pub struct Mapping {
 struct Table {
     regions: BTreeMap<u64, Region>,
     transport: Option<Arc<dyn DmaTransport>>,
+    log: Option<LogState>,
 }
 
 impl Table {
@@ -108,6 +172,19 @@ fn check_file(file: &File, offset: u64, size: u64, iova: u64) -> Result<(), Errn
         log::info!("DMA_MAP {iova:#x}+{size:#x}: the client's file is not sealed against shrinking");
     }
     Ok(())
+}
+
+/// Keeps what the device wrote into a region that goes away while logging, for the next REPORT.
+fn retire(t: &mut Table, r: Region) {
+    let (Some(log), Some(l)) = (t.log.as_mut(), r.log) else { return };
+    if l.dirty.count() == 0 && l.ever.as_ref().is_none_or(|e| e.count() == 0) {
+        return;
+    }
+    if log.retired.len() >= MAX_RETIRED {
+        log::warn!("DMA logging: {MAX_RETIRED} unmapped regions' bitmaps kept already; dropping the oldest");
+        log.retired.remove(0);
+    }
+    log.retired.push(l);
 }
 
 /// The set of DMA mappings, shared by the server (which changes it) and device workers (which use it).
@@ -188,9 +265,11 @@ impl GuestMem {
             return Err(Errno(libc::EEXIST));
         }
         // Only memory we write directly is tracked here; the client tracks what it writes for our DMA messages.
-        let tracked = if matches!(backing, Backing::Mapped(_)) { size } else { 0 };
-        let dirty = PageBitmap::new(tracked, PAGE_SIZE);
-        t.regions.insert(iova, Region { size, readable, writable, backing, dirty });
+        let log = match (&t.log, &backing) {
+            (Some(l), Backing::Mapped(_)) => l.new_log(iova, size),
+            _ => None,
+        };
+        t.regions.insert(iova, Region { size, readable, writable, backing, log });
         Ok(())
     }
 
@@ -200,7 +279,8 @@ impl GuestMem {
         let mut t = self.wr();
         match t.regions.get(&iova) {
             Some(r) if r.size == size => {
-                t.regions.remove(&iova);
+                let r = t.regions.remove(&iova).expect("present");
+                retire(&mut t, r);
                 Ok(())
             }
             _ => Err(Errno(libc::ENOENT)),
@@ -208,7 +288,11 @@ impl GuestMem {
     }
 
     pub fn unmap_all(&self) {
-        self.wr().regions.clear();
+        let mut t = self.wr();
+        let regions = std::mem::take(&mut t.regions);
+        for r in regions.into_values() {
+            retire(&mut t, r);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -238,9 +322,129 @@ impl GuestMem {
         self.wr().transport = transport;
     }
 
-    /// Dirty pages of the mapping at `iova` since the last call, one bit per page (and clears them).
-    pub fn take_dirty(&self, iova: u64) -> Option<Vec<u64>> {
-        self.rd().regions.get(&iova).map(|r| r.dirty.take())
+    // ---- dirty logging (DMA_LOGGING_START / STOP / REPORT) ------------------------------------------------
+
+    /// Starts logging device writes at `page_size` granularity (4 KiB or any larger power of two up to 1 GiB;
+    /// smaller requests get 4 KiB) over `ranges` (empty: everything). Returns the page size chosen. With `audit`,
+    /// every page written while logging is also remembered apart from what REPORT clears. Bitmaps exist only from
+    /// here to [`GuestMem::stop_logging`], for fd-backed mappings (the client tracks what it writes for our
+    /// DMA_WRITE messages).
+    pub fn start_logging(&self, page_size: u64, ranges: &[(u64, u64)], audit: bool) -> Result<u64, Errno> {
+        let page_size = page_size.max(PAGE_SIZE);
+        if !page_size.is_power_of_two() || page_size > 1 << 30 {
+            log::warn!("DMA logging: page size {page_size:#x} is not a power of two up to 1 GiB");
+            return Err(Errno::EINVAL);
+        }
+        if ranges.len() > MAX_LOG_RANGES {
+            log::warn!("DMA logging: {} ranges, at most {MAX_LOG_RANGES}", ranges.len());
+            return Err(Errno::EINVAL);
+        }
+        let mut sorted = ranges.to_vec();
+        sorted.sort_unstable();
+        for (i, &(a, l)) in sorted.iter().enumerate() {
+            let end = a.checked_add(l);
+            if l == 0 || end.is_none() || sorted.get(i + 1).is_some_and(|&(b, _)| end.is_some_and(|e| b < e)) {
+                log::warn!("DMA logging: range {a:#x}+{l:#x} is empty, wraps or overlaps the next");
+                return Err(Errno::EINVAL);
+            }
+        }
+        let mut t = self.wr();
+        if t.log.is_some() {
+            log::warn!("DMA logging is already on");
+            return Err(Errno::EBUSY);
+        }
+        let state = LogState { page_size, ranges: sorted, audit, retired: Vec::new() };
+        for (&iova, r) in t.regions.iter_mut() {
+            if matches!(r.backing, Backing::Mapped(_)) {
+                r.log = state.new_log(iova, r.size);
+            }
+        }
+        t.log = Some(state);
+        Ok(page_size)
+    }
+
+    /// Stops logging and drops every bitmap; false if logging was off.
+    pub fn stop_logging(&self) -> bool {
+        let mut t = self.wr();
+        for r in t.regions.values_mut() {
+            r.log = None;
+        }
+        t.log.take().is_some()
+    }
+
+    /// The page size logging runs at, if it is on.
+    pub fn logging(&self) -> Option<u64> {
+        self.rd().log.as_ref().map(|l| l.page_size)
+    }
+
+    /// The pages the device wrote in `[iova, iova + len)` since the last report, one bit per `page_size` unit (bit n
+    /// = word n / 64, bit n % 64), clearing what it reports. `iova` and `len` must be multiples of `page_size` (a
+    /// power of two, at least 4 KiB) and lie inside the logged ranges; the range may span several mappings and
+    /// holes (zeros). A logged page only partly inside the range is reported but not cleared, so nothing is lost.
+    pub fn report(&self, iova: u64, len: u64, page_size: u64) -> Result<Vec<u64>, Errno> {
+        let t = self.rd();
+        let Some(log) = &t.log else {
+            log::warn!("DMA logging REPORT while logging is off");
+            return Err(Errno::EINVAL);
+        };
+        let end = iova.checked_add(len);
+        if !page_size.is_power_of_two()
+            || page_size < PAGE_SIZE
+            || len == 0
+            || end.is_none()
+            || !iova.is_multiple_of(page_size)
+            || !len.is_multiple_of(page_size)
+        {
+            log::warn!("DMA logging REPORT {iova:#x}+{len:#x} at page size {page_size:#x}: not page aligned");
+            return Err(Errno::EINVAL);
+        }
+        if !log.contains(iova, len) {
+            log::warn!("DMA logging REPORT {iova:#x}+{len:#x} reaches outside the logged ranges");
+            return Err(Errno::EINVAL);
+        }
+        let end = iova + len;
+        let nbits = len / page_size;
+        let mut out = vec![0u64; nbits.div_ceil(64) as usize];
+        let lp = log.page_size;
+        let (lo, hi) = (iova / lp, end.div_ceil(lp));
+        // Logged pages wholly inside the range are cleared as reported; the (at most two) partial ones are not.
+        let (full_lo, full_hi) = (iova.div_ceil(lp), end / lp);
+        let mut set = |p: u64| {
+            let a = (p * lp).max(iova);
+            let b = ((p + 1) * lp).min(end);
+            for bit in (a - iova) / page_size..=(b - 1 - iova) / page_size {
+                out[(bit / 64) as usize] |= 1 << (bit % 64);
+            }
+        };
+        // Regions are disjoint and sorted: walking back from the end, the first one that ends before `iova` ends
+        // the overlap.
+        let logs =
+            t.regions.range(..end).rev().take_while(|(&a, r)| a + r.size > iova).filter_map(|(_, r)| r.log.as_ref());
+        for l in logs.chain(log.retired.iter()) {
+            if full_lo < full_hi {
+                l.dirty.drain(full_lo..full_hi, true, &mut set);
+                l.dirty.drain(lo..full_lo, false, &mut set);
+                l.dirty.drain(full_hi..hi, false, &mut set);
+            } else {
+                l.dirty.drain(lo..hi, false, &mut set);
+            }
+        }
+        Ok(out)
+    }
+
+    /// With the audit on: every logged page (absolute page number at the logging page size) the device wrote
+    /// since logging started, sorted.
+    pub fn written_pages(&self) -> Vec<u64> {
+        let t = self.rd();
+        let Some(log) = &t.log else { return Vec::new() };
+        let mut pages = Vec::new();
+        let regions = t.regions.values().filter_map(|r| r.log.as_ref());
+        for e in regions.chain(log.retired.iter()).filter_map(|l| l.ever.as_ref()) {
+            e.drain(0..u64::MAX, false, |p| pages.push(p));
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        pages
     }
 
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
@@ -308,7 +512,9 @@ impl GuestMem {
                         }
                         Dir::Write(d) => {
                             s.copy_from(&d[done..done + n]);
-                            r.dirty.mark(off, n as u64);
+                            if let Some(l) = &r.log {
+                                l.mark(at, n as u64);
+                            }
                         }
                     }
                 }
@@ -354,6 +560,7 @@ mod tests {
         let f = memfd(2 * PAGE_SIZE);
         let mut peer = f.try_clone().unwrap();
         m.map(0x10000, 2 * PAGE_SIZE, true, true, Some((f, 0))).unwrap();
+        assert_eq!(m.start_logging(4096, &[], false), Ok(4096));
         m.write(0x10000 + 100, b"hello").unwrap();
         let mut got = [0u8; 5];
         peer.seek(SeekFrom::Start(100)).unwrap();
@@ -363,10 +570,10 @@ mod tests {
         peer.write_all(b"xyz").unwrap();
         assert_eq!(m.read_u32(0x10000 + 4000).unwrap() & 0xffffff, u32::from_le_bytes(*b"xyz\0"));
         assert!(matches!(m.write(0x10000 + 2 * PAGE_SIZE - 2, b"abc"), Err(MemError::Unmapped(_))));
-        assert_eq!(m.take_dirty(0x10000).unwrap(), vec![1], "a failed write touches nothing");
+        assert_eq!(m.report(0x10000, 2 * PAGE_SIZE, 4096).unwrap(), vec![1], "a failed write touches nothing");
         m.write(0x10000 + PAGE_SIZE, b"x").unwrap();
         assert!(matches!(m.read(0xfff0, &mut [0u8; 32]), Err(MemError::Unmapped(0xfff0))));
-        assert_eq!(m.take_dirty(0x10000).unwrap(), vec![2]);
+        assert_eq!(m.report(0x10000, 2 * PAGE_SIZE, 4096).unwrap(), vec![2]);
     }
 
     #[test]
@@ -395,6 +602,58 @@ mod tests {
         m.unmap(0x2000, 0x2000).unwrap();
         assert_eq!(m.len(), 1);
         assert_eq!(m.map(u64::MAX - 10, 100, true, true, None), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn dirty_logging_reports_exactly_what_the_device_wrote() {
+        let m = GuestMem::new();
+        let (a, b) = (0x10_0000u64, 0x10_4000u64);
+        m.map(a, 0x4000, true, true, Some((memfd(0x4000), 0))).unwrap();
+        m.map(b, 0x4000, true, true, Some((memfd(0x4000), 0))).unwrap();
+        m.map(0x20_0000, 0x4000, true, true, None).unwrap();
+        m.write(a, b"before logging").unwrap();
+        assert_eq!(m.report(a, 0x1000, 4096), Err(Errno::EINVAL), "logging is off");
+        assert_eq!(m.start_logging(512, &[(a, 0x8000), (0x20_0000, 0x4000)], true), Ok(4096), "4 KiB at least");
+        assert_eq!(m.start_logging(4096, &[], false), Err(Errno::EBUSY));
+        assert_eq!(m.report(a, 0x8000, 4096).unwrap(), vec![0], "nothing written since the start");
+        m.write(b - 2, &[1; 4]).unwrap(); // spans the two mappings: pages 3 and 4 of the range
+        m.write(b + 0x3000, &[1]).unwrap(); // page 7
+        assert_eq!(m.report(a, 0x8000, 4096).unwrap(), vec![0b1001_1000]);
+        assert_eq!(m.report(a, 0x8000, 4096).unwrap(), vec![0], "a report clears what it reports");
+        m.write(a + 0x1000, &[1]).unwrap();
+        assert_eq!(m.report(a, 0x8000, 8192).unwrap(), vec![0b0001], "coarser report pages coalesce");
+        m.write(a + 0x2000, &[1]).unwrap();
+        assert_eq!(m.report(a + 0x2000, 0x1000, 4096).unwrap(), vec![1], "a sub-range");
+        // Outside the logged ranges, unaligned, or wrapping: refused.
+        assert_eq!(m.report(a - 0x1000, 0x2000, 4096), Err(Errno::EINVAL));
+        assert_eq!(m.report(a + 1, 0x1000, 4096), Err(Errno::EINVAL));
+        assert_eq!(m.report(a, 0x1000, 3000), Err(Errno::EINVAL));
+        // fd-less memory is the client's to track: always zero here.
+        m.write(0x20_0000, &[1]).unwrap_or(());
+        assert_eq!(m.report(0x20_0000, 0x4000, 4096).unwrap(), vec![0]);
+        // What the device wrote into a mapping that goes away is still reported.
+        m.write(b + 0x1000, &[1]).unwrap();
+        m.unmap(b, 0x4000).unwrap();
+        assert_eq!(m.report(a, 0x8000, 4096).unwrap(), vec![1 << 5]);
+        // The audit remembers every page written while logging, whatever was reported.
+        let pages: Vec<u64> = m.written_pages();
+        assert_eq!(pages, vec![0x101, 0x102, 0x103, 0x104, 0x105, 0x107]);
+        assert!(m.stop_logging());
+        assert!(!m.stop_logging());
+        assert!(m.written_pages().is_empty());
+    }
+
+    #[test]
+    fn larger_logging_pages_replicate_and_keep_partial_pages() {
+        let m = GuestMem::new();
+        m.map(0, 0x40_0000, true, true, Some((memfd(0x40_0000), 0))).unwrap();
+        assert_eq!(m.start_logging(0x20_0000, &[], false), Ok(0x20_0000));
+        m.write(0x1000, &[1]).unwrap();
+        // A 4 KiB report of the first 8 KiB: the 2 MiB logged page is only partly inside, so it is reported for
+        // both 4 KiB pages and kept.
+        assert_eq!(m.report(0, 0x2000, 4096).unwrap(), vec![0b11]);
+        assert_eq!(m.report(0, 0x40_0000, 0x20_0000).unwrap(), vec![0b01], "then cleared by a whole report");
+        assert_eq!(m.report(0, 0x40_0000, 0x20_0000).unwrap(), vec![0]);
     }
 
     struct Fake(Mutex<Vec<u8>>);
