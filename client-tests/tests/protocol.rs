@@ -1165,7 +1165,14 @@ fn rule_device_feature_and_migration_data_validated() {
     assert_eq!(r.payload, probe_logging, "a probe reply echoes the request");
     let probe_get_start = Payload::new().u32(16).u32(6 | 1 << 16 | 1 << 18).build();
     expect_err(&mut c, cmd::DEVICE_FEATURE, &probe_get_start, &[], EINVAL, "PROBE GET of a SET-only feature");
-    expect_err(&mut c, cmd::DEVICE_FEATURE, &Payload::new().u32(16).u32(3 | 1 << 16).build(), &[], libc::ENOTTY, "feature 3");
+    expect_err(
+        &mut c,
+        cmd::DEVICE_FEATURE,
+        &Payload::new().u32(16).u32(3 | 1 << 16).build(),
+        &[],
+        libc::ENOTTY,
+        "feature 3",
+    );
     expect_err(&mut c, cmd::DEVICE_FEATURE, &Payload::new().u32(8).u32(1 | 1 << 16).build(), &[], EINVAL, "argsz 8");
     // Migration data outside the states that allow it.
     let read = Payload::new().u32(8 + 4096).u32(4096).build();
