@@ -24,3 +24,4 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-45} scripts/fuzz.sh
 step "benchmarks (quick)"
 ./target/release/vfu-bench --quick
 ./target/release/vfu-netbench --quick
+./target/release/vfu-migbench --quick

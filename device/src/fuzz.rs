@@ -318,3 +318,45 @@ fn queue_config(ring: u64, len: u16, buf: u32, max_frame: u32) -> Vec<u8> {
     m.extend_from_slice(&[0; 8]);
     m
 }
+
+/// The device-state stream decoder (docs/migration-stream.md) over hostile bytes. The input's record header
+/// length and checksum are fixed up unless its first byte says not to, so the fuzzer gets past the CRC into the
+/// sections. A record that decodes and validates is loaded into a paused device, which must then save exactly
+/// what was loaded.
+pub fn stream(data: &[u8]) {
+    use crate::state::StateError;
+    use crate::stream::{decode_identity, decode_state, parse_record, record_len, section};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let mut rec = rest.to_vec();
+    if mode & 1 == 0 && rec.len() >= 16 {
+        let len = (rec.len() + 4) as u32;
+        rec[12..16].copy_from_slice(&len.to_le_bytes());
+        let crc = crate::nic::offload::crc32c(&rec);
+        rec.extend_from_slice(&crc.to_le_bytes());
+    }
+    let Ok(Some(len)) = record_len(&rec) else { return };
+    let Ok(r) = parse_record(&rec[..len.min(rec.len())]) else { return };
+    let _ = decode_identity(&r);
+    let Ok((state, _)) = decode_state(&r, &[section::AUDIT]) else { return };
+    let id = &state.identity;
+    if !(1..=crate::cfg::MAX_QUEUE_PAIRS).contains(&id.queue_pairs) {
+        return;
+    }
+    let cfg = VfConfig {
+        mac: id.mac,
+        queue_pairs: id.queue_pairs,
+        link_speed: id.link_speed,
+        mmap_doorbells: id.mmap_doorbells,
+        ..Default::default()
+    };
+    if state.validate(&cfg).is_err() {
+        return;
+    }
+    let vf = crate::I40eVf::new(cfg, GuestMem::new());
+    vf.pause();
+    match vf.load(&state) {
+        Ok(()) => assert_eq!(vf.save().expect("paused"), state, "a loaded state must save as itself"),
+        Err(StateError::Invalid(_)) => assert!(vf.save().is_ok()),
+        Err(e) => panic!("validated state refused on load: {e}"),
+    }
+}

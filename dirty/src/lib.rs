@@ -62,7 +62,12 @@ impl PageBitmap {
             // A whole word's worth of bits at once where the range allows.
             let run = (64 - bit).min(last - page + 1);
             let mask = if run == 64 { u64::MAX } else { ((1u64 << run) - 1) << bit };
-            self.words[word].fetch_or(mask, Ordering::Relaxed);
+            let w = &self.words[word];
+            // Test before set: a page written again before the next report (an RX buffer, a ring) costs a plain
+            // load, not a locked read-modify-write.
+            if w.load(Ordering::Relaxed) & mask != mask {
+                w.fetch_or(mask, Ordering::Relaxed);
+            }
             page += run;
         }
     }
@@ -82,6 +87,17 @@ impl PageBitmap {
     /// ones it reports when `clear`. Whole words are swapped (or read) at once, and empty ones skipped, so a
     /// sparse bitmap of millions of pages is walked in a fraction of a millisecond.
     pub fn drain(&self, pages: std::ops::Range<u64>, clear: bool, mut f: impl FnMut(u64)) {
+        self.drain_words(pages, clear, |first, mut bits| {
+            while bits != 0 {
+                f(first + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        });
+    }
+
+    /// As [`PageBitmap::drain`], a word at a time: `f(first, bits)` where bit n of `bits` is absolute page
+    /// `first + n` (only non-zero words, masked to `pages`).
+    pub fn drain_words(&self, pages: std::ops::Range<u64>, clear: bool, mut f: impl FnMut(u64, u64)) {
         let lo = pages.start.max(self.first_page);
         let hi = pages.end.min(self.first_page + self.pages);
         if lo >= hi {
@@ -98,10 +114,8 @@ impl PageBitmap {
             if bits != 0 && clear {
                 bits = word.fetch_and(!mask, Ordering::AcqRel) & mask;
             }
-            while bits != 0 {
-                let b = u64::from(bits.trailing_zeros());
-                f(self.first_page + w * 64 + b);
-                bits &= bits - 1;
+            if bits != 0 {
+                f(self.first_page + w * 64, bits);
             }
             w += 1;
         }

@@ -12,7 +12,7 @@ use testkit::{msg_config_queues, msg_eth_addrs, msg_irq_map, msg_queue_select, m
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("framer", server::fuzz::framer),
     ("handlers", server::fuzz::handlers),
     ("region", server::fuzz::region),
@@ -20,6 +20,7 @@ const TARGETS: [(&str, Target); 7] = [
     ("admin_queue", device::fuzz::admin_queue),
     ("tx", device::fuzz::tx),
     ("rx", device::fuzz::rx),
+    ("stream", device::fuzz::stream),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -294,6 +295,27 @@ fn rx_seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![("seed-three-frames", b.bytes(&img.0).0)]
 }
 
+/// Records of an idle device and of one a driver brought up (queues, filters, RSS, ARQ traffic), each as the
+/// harness takes them: a mode byte, then the record without its length and checksum (the harness fixes them up),
+/// and one raw (mode 1) as it comes off the wire.
+fn stream_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use device::stream::encode_state;
+    let idle = device::I40eVf::new(device::VfConfig::default(), device::GuestMem::new());
+    idle.pause();
+    let idle = encode_state(&idle.save().unwrap(), &[]);
+    let mut d = testkit::testbed(device::VfConfig { queue_pairs: 2, ..Default::default() });
+    d.bring_up(2, testkit::RINGS);
+    d.bus.vf.pause();
+    let busy = encode_state(&d.bus.vf.save().unwrap(), &[]);
+    let strip = |r: &[u8]| [&[0u8][..], &r[..r.len() - 4]].concat();
+    vec![
+        ("seed-idle", strip(&idle)),
+        ("seed-busy", strip(&busy)),
+        ("seed-raw", [&[1u8][..], &busy[..]].concat()),
+        ("seed-compat", strip(&device::stream::encode_compat(&d.bus.vf.identity()))),
+    ]
+}
+
 #[test]
 #[ignore = "writes fuzz/corpus/*/seed-*; run by hand after changing an input format"]
 fn write_seeds() {
@@ -305,6 +327,7 @@ fn write_seeds() {
         ("admin_queue", admin_queue_seeds()),
         ("tx", tx_seeds()),
         ("rx", rx_seeds()),
+        ("stream", stream_seeds()),
     ];
     for (target, seeds) in all {
         let dir = fuzz_dir().join("corpus").join(target);
