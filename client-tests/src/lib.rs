@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod netns;
+pub mod refvmm;
 pub mod server;
 pub mod util;
 pub mod wire;

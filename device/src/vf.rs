@@ -212,11 +212,9 @@ impl I40eVf {
         if !self.is_paused() {
             return Err(StateError::NotPaused);
         }
-        self.core.lock().load(&self.core.cfg, state)?;
-        // Frames counted by the port before the load belong to the state that was replaced.
-        self.core.rx_gate.dropped.store(0, Ordering::Relaxed);
-        self.core.rx_gate.dropped_paused.store(0, Ordering::Relaxed);
-        Ok(())
+        // Frames the port turned away while paused and not yet counted stay with the port: they are folded into
+        // the loaded state at resume, so a destination accounts for frames that reached it before its state did.
+        self.core.lock().load(&self.core.cfg, state)
     }
 
     // ---- registers ------------------------------------------------------------------------------------------

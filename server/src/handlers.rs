@@ -550,8 +550,13 @@ impl<D: VfioDevice> Ctx<'_, D> {
                     Progress::Waiting => return Ok(Step::Wait),
                 }
             }
-            DMA_LOGGING_START => self.logging_start(flags, data),
+            DMA_LOGGING_START => {
+                // The reply is the request (with the page size chosen): argsz must hold it.
+                fixed(p.len() as u32, "DMA_LOGGING_START")?;
+                self.logging_start(flags, data)
+            }
             DMA_LOGGING_STOP => {
+                fixed(p.len() as u32, "DMA_LOGGING_STOP")?;
                 if !self.mem.stop_logging() {
                     log::info!("DMA_LOGGING_STOP while logging was off");
                 } else {

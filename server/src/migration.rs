@@ -129,8 +129,10 @@ pub struct Migration {
     /// Saving: the data of the current transfer and how much the client has read.
     out: Vec<u8>,
     out_pos: usize,
-    /// Resuming: what the client has written, and what was wrong with it.
+    /// Resuming: what the client has written, how much of it (whole records) is checked, and what was wrong
+    /// with it.
     inbuf: Vec<u8>,
+    checked: usize,
     resume_error: Option<String>,
     /// `--migration-audit`.
     audit: bool,
@@ -146,6 +148,7 @@ impl Migration {
             out: Vec::new(),
             out_pos: 0,
             inbuf: Vec::new(),
+            checked: 0,
             resume_error: None,
             audit,
             pending_audit: None,
@@ -233,7 +236,12 @@ impl Migration {
                     return Ok(false);
                 }
                 if to == StopCopy {
-                    self.begin_saving(dev.state_record(&self.audit_extras(mem))?);
+                    // The same saving session goes on: what PRE_COPY produced and the client has not read yet
+                    // stays ahead of the state record.
+                    let record = dev.state_record(&self.audit_extras(mem))?;
+                    self.out.drain(..self.out_pos);
+                    self.out_pos = 0;
+                    self.out.extend_from_slice(&record);
                 }
                 if self.state == PreCopy {
                     log::info!("migration: device stopped; {} bytes of state to read", self.out.len());
@@ -248,6 +256,7 @@ impl Migration {
             (Stop, StopCopy) => self.begin_saving(dev.state_record(&self.audit_extras(mem))?),
             (Stop, Resuming) => {
                 self.inbuf.clear();
+                self.checked = 0;
                 self.resume_error = None;
                 self.pending_audit = None;
             }
@@ -294,8 +303,9 @@ impl Migration {
             return self.refuse(format!("over-long: more than {MAX_RESUME_BYTES} bytes"), Errno(libc::E2BIG));
         }
         self.inbuf.extend_from_slice(data);
-        // Check every compat record that is complete now; the state record is loaded at RESUMING -> STOP.
-        let mut at = 0;
+        // Check every compat record completed by this write (each record once: re-parsing the whole stream on every
+        // write would cost quadratic time); the state record is loaded at RESUMING -> STOP.
+        let mut at = self.checked;
         loop {
             match stream::record_len(&self.inbuf[at..]) {
                 Ok(Some(len)) if self.inbuf.len() - at >= len => {
@@ -312,6 +322,7 @@ impl Migration {
                         Err(e) => return self.refuse(e.to_string(), Errno::EINVAL),
                     }
                     at += len;
+                    self.checked = at;
                 }
                 Ok(_) => return Ok(()),
                 Err(e) => return self.refuse(e.to_string(), Errno::EINVAL),
@@ -331,6 +342,7 @@ impl Migration {
             return Err(e);
         }
         let buf = std::mem::take(&mut self.inbuf);
+        self.checked = 0;
         let mut at = 0;
         let mut state = None;
         while at < buf.len() {
@@ -455,6 +467,7 @@ impl Migration {
         self.target = None;
         self.end_saving();
         self.inbuf = Vec::new();
+        self.checked = 0;
         self.resume_error = None;
         self.pending_audit = None;
     }

@@ -197,16 +197,24 @@ impl<B: Bus> DriverModel<B> {
     /// The probe conversation up to a configured, enabled interface with `pairs` queue pairs, rings at `rings`
     /// (4 KiB apart per ring). Returns the GET_VF_RESOURCES reply.
     pub fn bring_up(&mut self, pairs: u16, rings: u64) -> Vec<u8> {
+        let layout: Vec<(u64, u64)> = (0..pairs).map(|i| default_rings(rings, i)).collect();
+        self.bring_up_with(&layout, 512, &[(1, 1, 1), (0, 0, 0)])
+    }
+
+    /// [`DriverModel::bring_up`] with the driver's own ring layout: `rings[i]` is (TX ring, RX ring) of pair i, each
+    /// `ring_len` descriptors, and `irq_map` the CONFIG_IRQ_MAP entries (vector, rx bitmap, tx bitmap).
+    pub fn bring_up_with(&mut self, rings: &[(u64, u64)], ring_len: u16, irq_map: &[(u16, u16, u16)]) -> Vec<u8> {
+        let pairs = rings.len() as u16;
         self.init_aq();
         let v = self.request(OP_VERSION, &msg_version(1, 1));
         assert_eq!((v.status, v.payload.clone()), (0, msg_version(1, 1)));
         let res = self.request(OP_GET_VF_RESOURCES, &(CAP_L2 | CAP_RSS_PF | CAP_ADV_LINK_SPEED).to_le_bytes());
         assert_eq!(res.status, 0);
-        let irq = self.request(OP_CONFIG_IRQ_MAP, &msg_irq_map(&[(1, 1, 1), (0, 0, 0)]));
+        let irq = self.request(OP_CONFIG_IRQ_MAP, &msg_irq_map(irq_map));
         assert_eq!(irq.status, 0);
         let mac: [u8; 6] = res.payload[30..36].try_into().unwrap();
         assert_eq!(self.request(OP_ADD_ETH_ADDR, &msg_eth_addrs(&[mac])).status, 0);
-        let q = self.request(OP_CONFIG_VSI_QUEUES, &msg_config_queues(pairs, rings, 512, 2048, 1522));
+        let q = self.request(OP_CONFIG_VSI_QUEUES, &msg_config_queue_list(rings, ring_len, 2048, 1522));
         assert_eq!(q.status, 0);
         let all = (1u32 << pairs) - 1;
         assert_eq!(self.request(OP_ENABLE_QUEUES, &msg_queue_select(all, all)).status, 0);
@@ -251,12 +259,24 @@ pub fn msg_eth_addrs(addrs: &[[u8; 6]]) -> Vec<u8> {
     m
 }
 
+/// The default ring layout: TX ring of pair i at `rings + 0x2000 i`, RX at `+ 0x1000`.
+fn default_rings(rings: u64, i: u16) -> (u64, u64) {
+    let tx = rings + 0x2000 * u64::from(i);
+    (tx, tx + 0x1000)
+}
+
 /// CONFIG_VSI_QUEUES for `pairs` pairs: TX ring of pair i at `rings + 0x2000 i`, RX at `+ 0x1000`.
 pub fn msg_config_queues(pairs: u16, rings: u64, ring_len: u16, buf: u32, max_frame: u32) -> Vec<u8> {
+    let layout: Vec<(u64, u64)> = (0..pairs).map(|i| default_rings(rings, i)).collect();
+    msg_config_queue_list(&layout, ring_len, buf, max_frame)
+}
+
+/// CONFIG_VSI_QUEUES with pair i's TX ring at `rings[i].0` and its RX ring at `rings[i].1`.
+pub fn msg_config_queue_list(rings: &[(u64, u64)], ring_len: u16, buf: u32, max_frame: u32) -> Vec<u8> {
+    let pairs = rings.len() as u16;
     let mut m = [VSI_ID.to_le_bytes(), pairs.to_le_bytes()].concat();
     m.extend_from_slice(&[0; 4]);
-    for i in 0..pairs {
-        let tx = rings + 0x2000 * u64::from(i);
+    for (i, &(tx, rx_ring)) in (0..pairs).zip(rings) {
         m.extend_from_slice(&VSI_ID.to_le_bytes());
         m.extend_from_slice(&i.to_le_bytes());
         m.extend_from_slice(&ring_len.to_le_bytes());
@@ -271,7 +291,7 @@ pub fn msg_config_queues(pairs: u16, rings: u64, ring_len: u16, buf: u32, max_fr
         rx.extend_from_slice(&buf.to_le_bytes());
         rx.extend_from_slice(&max_frame.to_le_bytes());
         rx.extend_from_slice(&[0, 0, 0, 0]); // crc_disable, rxdid, flags, pad
-        rx.extend_from_slice(&(tx + 0x1000).to_le_bytes());
+        rx.extend_from_slice(&rx_ring.to_le_bytes());
         rx.extend_from_slice(&[0; 8]); // rx_split_pos, pad
         m.extend_from_slice(&rx);
     }

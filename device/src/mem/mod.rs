@@ -324,17 +324,18 @@ impl GuestMem {
 
     // ---- dirty logging (DMA_LOGGING_START / STOP / REPORT) ------------------------------------------------
 
-    /// Starts logging device writes at `page_size` granularity (4 KiB or any larger power of two up to 1 GiB;
-    /// smaller requests get 4 KiB) over `ranges` (empty: everything). Returns the page size chosen. With `audit`,
+    /// Starts logging device writes at `page_size` granularity (a power of two up to 1 GiB; smaller than 4 KiB gets
+    /// 4 KiB) over `ranges` (empty: everything). Returns the page size chosen. With `audit`,
     /// every page written while logging is also remembered apart from what REPORT clears. Bitmaps exist only from
     /// here to [`GuestMem::stop_logging`], for fd-backed mappings (the client tracks what it writes for our
     /// DMA_WRITE messages).
     pub fn start_logging(&self, page_size: u64, ranges: &[(u64, u64)], audit: bool) -> Result<u64, Errno> {
-        let page_size = page_size.max(PAGE_SIZE);
+        // Not a power of two (0 included) is a malformed request, not a hint to round: EINVAL.
         if !page_size.is_power_of_two() || page_size > 1 << 30 {
             log::warn!("DMA logging: page size {page_size:#x} is not a power of two up to 1 GiB");
             return Err(Errno::EINVAL);
         }
+        let page_size = page_size.max(PAGE_SIZE);
         if ranges.len() > MAX_LOG_RANGES {
             log::warn!("DMA logging: {} ranges, at most {MAX_LOG_RANGES}", ranges.len());
             return Err(Errno::EINVAL);
@@ -636,6 +637,9 @@ mod tests {
         assert_eq!(m.report(a, 0x1000, 4096), Err(Errno::EINVAL), "logging is off");
         assert_eq!(m.start_logging(512, &[(a, 0x8000), (0x20_0000, 0x4000)], true), Ok(4096), "4 KiB at least");
         assert_eq!(m.start_logging(4096, &[], false), Err(Errno::EBUSY));
+        for bad in [0, 3000, 6144, 2 << 30] {
+            assert_eq!(GuestMem::new().start_logging(bad, &[], false), Err(Errno::EINVAL), "page size {bad}");
+        }
         assert_eq!(m.report(a, 0x8000, 4096).unwrap(), vec![0], "nothing written since the start");
         m.write(b - 2, &[1; 4]).unwrap(); // spans the two mappings: pages 3 and 4 of the range
         m.write(b + 0x3000, &[1]).unwrap(); // page 7
