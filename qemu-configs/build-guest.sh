@@ -1,6 +1,8 @@
 #!/bin/bash
 # build-guest.sh KERNEL   (KERNEL: 6.1 = bookworm's linux-image-amd64,
-#                                  6.12 = bookworm-backports' linux-image-amd64)
+#                                  6.12 = bookworm-backports' linux-image-amd64,
+#                                  7.x = trixie-backports' linux-image-amd64, split into linux-base,
+#                                        linux-binary and linux-modules packages)
 #
 # Builds a tiny x86_64 test guest from Debian packages into $BUILD/guest-KERNEL/:
 #   vmlinux            uncompressed ELF kernel for QEMU's PVH direct boot (-kernel vmlinux, fastest)
@@ -15,7 +17,8 @@
 # for a network interface other than lo (iavf registers it only after the virtchnl handshake).
 #
 # Packages come through a private apt configuration ($BUILD/apt/bookworm: bookworm,
-# bookworm-updates, bookworm-backports); /etc/apt is never modified. The .debs are cached in
+# bookworm-updates, bookworm-backports; $BUILD/apt/trixie for 7.x: trixie, trixie-backports);
+# /etc/apt is never modified. busybox-static always comes from bookworm. The .debs are cached in
 # $BUILD/debs and reused until REFRESH=1, so the kernel stays fixed even after Debian moves on.
 # If the outputs exist and were built by this very script (hash stamp), nothing is done.
 #
@@ -25,12 +28,13 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { echo "usage: ${0##*/} 6.1|6.12" >&2; exit 2; }
+usage() { echo "usage: ${0##*/} 6.1|6.12|7.x" >&2; exit 2; }
 (($# == 1)) || usage
 KERNEL=$1
 case $KERNEL in
   6.1)  SUITE=bookworm ;;
   6.12) SUITE=bookworm-backports ;;
+  7.x)  SUITE=trixie-backports ;;
   *)    usage ;;
 esac
 REQUIRED_MODULES="iavf ${GUEST_MODULES:-}"
@@ -52,16 +56,23 @@ require_cmds apt-get apt-cache dpkg dpkg-deb modinfo cpio gzip xz zstd sha256sum
 mkdir -p "$DEBS/partial" "$WORK" "$OUT"
 rm -f "$OUT/.stamp"
 
-APT_READY=0
-apt_ready() {   # set up (and if stale, update) the private bookworm apt configuration, once
-  ((APT_READY)) && return 0
+APT_READY=''
+apt_ready() {   # apt_ready [bookworm|trixie]: set up (and if stale, update) a private apt configuration
+  local dist=${1:-bookworm}
+  [[ $APT_READY == "$dist" ]] && return 0
   local mirror; mirror=$(debian_mirror)
-  apt_private bookworm \
-    "deb [signed-by=$KEYRING] $mirror bookworm main" \
-    "deb [signed-by=$KEYRING] $mirror bookworm-updates main" \
-    "deb [signed-by=$KEYRING] $mirror bookworm-backports main"
+  if [[ $dist == trixie ]]; then
+    apt_private trixie \
+      "deb [signed-by=$KEYRING] $mirror trixie main" \
+      "deb [signed-by=$KEYRING] $mirror trixie-backports main"
+  else
+    apt_private bookworm \
+      "deb [signed-by=$KEYRING] $mirror bookworm main" \
+      "deb [signed-by=$KEYRING] $mirror bookworm-updates main" \
+      "deb [signed-by=$KEYRING] $mirror bookworm-backports main"
+  fi
   apt_private_update
-  APT_READY=1
+  APT_READY=$dist
 }
 
 candidate() {   # candidate PKG [TARGET_RELEASE] -> version
@@ -89,12 +100,12 @@ download() {   # download PKG VERSION -> path of the cached .deb in $DEBS
   echo "$f"
 }
 
-# cached_deb LINK RESOLVER: the .deb LINK points to, resolved (and downloaded) by RESOLVER when
-# the link is missing or REFRESH=1.
+# cached_deb LINK RESOLVER [DIST]: the .deb LINK points to, resolved (and downloaded) by RESOLVER
+# (with DIST's apt configuration) when the link is missing or REFRESH=1.
 cached_deb() {
   local link=$DEBS/$1 deb
   if [[ ${REFRESH:-0} == 1 ]] || ! deb=$(readlink -e "$link"); then
-    apt_ready
+    apt_ready "${3:-bookworm}"
     deb=$("$2")
     ln -sfn "${deb##*/}" "$link"
   fi
@@ -117,18 +128,46 @@ resolve_kernel() {
 }
 resolve_busybox() { download busybox-static "$(candidate busybox-static)"; }
 
-KDEB=$(cached_deb "kernel-$KERNEL.deb" resolve_kernel)
-BBDEB=$(cached_deb busybox-static.deb resolve_busybox)
-log "kernel package: ${KDEB##*/}; busybox: ${BBDEB##*/}"
+# 7.x: linux-image-amd64 -> linux-image-V (an empty shell) -> linux-base-V (modules.builtin, config),
+# linux-binary-V (the image, usr/lib/modules/V/vmlinuz) and linux-modules-V (the modules).
+split_part() {   # split_part PART: the linux-PART-V package of trixie-backports' kernel
+  local meta_ver img ver
+  meta_ver=$(candidate linux-image-amd64 "$SUITE")
+  [[ $meta_ver == 7.* ]] || die "$SUITE's linux-image-amd64 is $meta_ver, not 7.x"
+  img=$(apt-cache "${APT_O[@]}" show "linux-image-amd64=$meta_ver" |
+        sed -n '1,/^$/ s/^Depends:.*\(linux-image-[0-9][^ ,]*\).*/\1/p' | head -n1)
+  [[ $img == linux-image-* ]] || die "cannot find the kernel package of linux-image-amd64=$meta_ver"
+  ver=$(candidate "$img" "$SUITE")
+  log "kernel 7.x: $img $ver (linux-image-amd64 $meta_ver, $SUITE): linux-$1 part"
+  download "linux-$1-${img#linux-image-}" "$ver"
+}
+resolve_base() { split_part base; }
+resolve_binary() { split_part binary; }
+resolve_modules() { split_part modules; }
 
-# Unpack once per .deb.
-unpack() {   # unpack DEB DIR
-  if [[ $(cat "$2/.from" 2>/dev/null) != "${1##*/}" ]]; then
-    rm -rf "$2"; mkdir -p "$2"; dpkg -x "$1" "$2"; echo "${1##*/}" > "$2/.from"
+if [[ $KERNEL == 7.x ]]; then
+  KDEBS=("$(cached_deb kernel-7.x-base.deb resolve_base trixie)"
+         "$(cached_deb kernel-7.x-binary.deb resolve_binary trixie)"
+         "$(cached_deb kernel-7.x-modules.deb resolve_modules trixie)")
+else
+  KDEBS=("$(cached_deb "kernel-$KERNEL.deb" resolve_kernel)")
+fi
+KDEB=${KDEBS[0]}
+BBDEB=$(cached_deb busybox-static.deb resolve_busybox)
+log "kernel package(s): $(for d in "${KDEBS[@]}"; do printf '%s ' "${d##*/}"; done); busybox: ${BBDEB##*/}"
+
+# Unpack once per set of .debs.
+unpack() {   # unpack DIR DEB...
+  local dir=$1 from; shift
+  from=$(for d in "$@"; do printf '%s ' "${d##*/}"; done)
+  if [[ $(cat "$dir/.from" 2>/dev/null) != "$from" ]]; then
+    rm -rf "$dir"; mkdir -p "$dir"
+    for d in "$@"; do dpkg -x "$d" "$dir"; done
+    echo "$from" > "$dir/.from"
   fi
 }
-unpack "$KDEB" "$WORK/kernel"
-unpack "$BBDEB" "$BUILD/work/busybox"
+unpack "$WORK/kernel" "${KDEBS[@]}"
+unpack "$BUILD/work/busybox" "$BBDEB"
 MODDIR=
 for d in "$WORK"/kernel/lib/modules/* "$WORK"/kernel/usr/lib/modules/*; do
   [[ -e $d/modules.builtin ]] && { MODDIR=$d; break; }
@@ -136,7 +175,8 @@ done
 [[ -n $MODDIR ]] || die "no modules directory in ${KDEB##*/}"
 KVER=${MODDIR##*/}
 VMLINUZ=$WORK/kernel/boot/vmlinuz-$KVER
-[[ -s $VMLINUZ ]] || die "no boot/vmlinuz-$KVER in ${KDEB##*/}"
+[[ -s $VMLINUZ ]] || VMLINUZ=$MODDIR/vmlinuz
+[[ -s $VMLINUZ ]] || die "no boot/vmlinuz-$KVER nor $MODDIR/vmlinuz in ${KDEB##*/}"
 BUSYBOX=$(find "$BUILD/work/busybox" -type f -name busybox -path '*bin/busybox' | head -n1)
 [[ -x $BUSYBOX ]] || die "no busybox binary in ${BBDEB##*/}"
 
@@ -274,9 +314,9 @@ extract_vmlinux() {   # extract_vmlinux BZIMAGE DEST (like linux/scripts/extract
   done
   rm -f "$2.tmp"; return 1
 }
-if [[ $(cat "$WORK/vmlinux.from" 2>/dev/null) != "${KDEB##*/}" || ! -s $WORK/vmlinux ]]; then
+if [[ $(cat "$WORK/vmlinux.from" 2>/dev/null) != "$(cat "$WORK/kernel/.from")" || ! -s $WORK/vmlinux ]]; then
   extract_vmlinux "$VMLINUZ" "$WORK/vmlinux" || die "cannot extract vmlinux from $VMLINUZ"
-  echo "${KDEB##*/}" > "$WORK/vmlinux.from"
+  cat "$WORK/kernel/.from" > "$WORK/vmlinux.from"
 fi
 cp "$WORK/vmlinux" "$OUT/vmlinux.tmp" && mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
 cp "$VMLINUZ" "$OUT/vmlinuz.tmp" && mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
@@ -284,4 +324,4 @@ echo "$KVER" > "$OUT/KVER"
 cp "$R/etc/vfu/modules" "$OUT/modules.txt"
 echo "$WANT_STAMP" > "$OUT/.stamp"
 
-echo "guest $KERNEL: built in $OUT: kernel $KVER (${KDEB##*/}), modules: $(xargs < "$OUT/modules.txt")"
+echo "guest $KERNEL: built in $OUT: kernel $KVER ($(cat "$WORK/kernel/.from")), modules: $(xargs < "$OUT/modules.txt")"

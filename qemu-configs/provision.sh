@@ -3,7 +3,7 @@
 #   1. installs the missing host tools (kmod cpio xz-utils zstd debian-archive-keyring) with apt
 #      (root or sudo; `apt-get update` first, only when something is missing);
 #   2. setup-qemu.sh: QEMU 11.1.3 with -device vfio-user-pci in $BUILD/qemu;
-#   3. build-guest.sh 6.1 and 6.12: test guests in $BUILD/guest-6.1 and $BUILD/guest-6.12.
+#   3. build-guest.sh 6.1, 6.12 and 7.x: test guests in $BUILD/guest-6.1, guest-6.12 and guest-7.x.
 # Non-interactive and idempotent; a rerun on a provisioned machine takes about a second.
 # Env: BUILD (default <repo>/build), MIRROR, REFRESH=1 (re-download QEMU and the guest packages).
 set -euo pipefail
@@ -30,10 +30,12 @@ else
 fi
 
 "$QC_DIR/setup-qemu.sh"
-# virtio_net: a QEMU virtio NIC as the peer VM in two-VM tests; e1000e: QEMU's own NIC as the throughput baseline.
-export GUEST_MODULES=${GUEST_MODULES:-"virtio_net e1000e"}
+# virtio_net: a QEMU virtio NIC as the peer VM in two-VM tests and the failover standby; e1000e: QEMU's own NIC as
+# the throughput baseline; bonding: the guest bond that keeps 6.1 and 6.12 guests on the network across unplug.
+export GUEST_MODULES=${GUEST_MODULES:-"virtio_net e1000e bonding"}
 "$QC_DIR/build-guest.sh" 6.1
 "$QC_DIR/build-guest.sh" 6.12
+"$QC_DIR/build-guest.sh" 7.x
 
 cat <<EOF
 
@@ -41,5 +43,6 @@ Provisioned (cache: $BUILD):
   QEMU:       $BUILD/qemu/bin/qemu-system-x86_64 ($(cut -d' ' -f2 "$BUILD/qemu/.installed"))
   guest 6.1:  $BUILD/guest-6.1/{vmlinux,initramfs.cpio.gz} (kernel $(cat "$BUILD/guest-6.1/KVER"))
   guest 6.12: $BUILD/guest-6.12/{vmlinux,initramfs.cpio.gz} (kernel $(cat "$BUILD/guest-6.12/KVER"))
-  boot:       $QC_DIR/run-vm.sh --socket /path/to/vfio-user.sock [--kernel 6.1|6.12] (--help)
+  guest 7.x:  $BUILD/guest-7.x/{vmlinux,initramfs.cpio.gz} (kernel $(cat "$BUILD/guest-7.x/KVER"))
+  boot:       $QC_DIR/run-vm.sh --socket /path/to/vfio-user.sock [--kernel 6.1|6.12|7.x] (--help)
 EOF

@@ -18,7 +18,7 @@ The serial console (guest output, "GUEST: ..." lines) goes to stdout; stdin is /
 
   --socket PATH     vfio-user server socket (required unless --no-device)
   --no-device       boot without the vfio-user device (guest/QEMU smoke tests)
-  --kernel K        guest kernel: 6.1 or 6.12 (default 6.12)
+  --kernel K        guest kernel: 6.1, 6.12 or 7.x (default 6.12)
   --ram memfd|plain memfd (default): shared memfd RAM (memory-backend-memfd,share=on), which the
                     server needs to map guest memory; plain: ordinary -m RAM (no DMA for the server)
   --mem MiB         guest RAM (default 256)
@@ -82,7 +82,7 @@ bad() { echo "${0##*/}: $*" >&2; exit 2; }
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || bad "--timeout must be a number of seconds"
 GUEST=$BUILD/guest-$KERNEL
 [[ -s $GUEST/initramfs.cpio.gz ]] ||
-  bad "no guest $GUEST (--kernel 6.1|6.12; build it: qemu-configs/build-guest.sh $KERNEL)"
+  bad "no guest $GUEST (--kernel 6.1|6.12|7.x; build it: qemu-configs/build-guest.sh $KERNEL)"
 KIMAGE=$GUEST/vmlinux
 [[ -s $KIMAGE ]] || KIMAGE=$GUEST/vmlinuz
 [[ -z $SCRIPT || -r $SCRIPT ]] || bad "--script $SCRIPT: not readable"

@@ -8,7 +8,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 step() { printf '\n=== %s\n' "$*"; }
 
-step "provisioning (QEMU 11.1.3, guest kernels 6.1 and 6.12)"
+step "provisioning (QEMU 11.1.3, guest kernels 6.1, 6.12 and 7.x)"
 qemu-configs/provision.sh
 
 step "build"

@@ -83,6 +83,11 @@ fn guest_pings_the_host_through_a_tap_on_6_12() {
     ping("6.12");
 }
 
+#[test]
+fn guest_pings_the_host_through_a_tap_on_7_x() {
+    ping("7.x");
+}
+
 /// 64 MiB each way over TCP with the driver's default offloads (TSO, checksum insertion), content checked.
 #[test]
 fn tcp_64_mib_both_ways_arrives_intact() {

@@ -176,3 +176,14 @@ fn link_up_mtu_reset_and_reload_on_6_12_with_plain_ram() {
 fn link_up_with_mmap_doorbells_on_6_12() {
     link_comes_up_with("6.12", "memfd", &["--doorbells", "mmap"]);
 }
+
+#[test]
+fn iavf_binds_on_7_x_with_memfd_ram() {
+    let mut s = ServerProcess::start();
+    boot_and_check(&mut s, "7.x", "memfd");
+}
+
+#[test]
+fn link_up_mtu_reset_and_reload_on_7_x_with_memfd_ram() {
+    link_comes_up("7.x", "memfd");
+}
