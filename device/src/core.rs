@@ -5,8 +5,10 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
 
 use crate::cfg::VfConfig;
 use crate::mem::doorbell::DoorbellPage;
@@ -356,6 +358,8 @@ pub(crate) struct Core {
     pub rx_gate: Arc<RxGate>,
     pub pause: PauseGate,
     pub doorbells: Option<Arc<DoorbellPage>>,
+    /// The datapath worker's channel, set once the workers run (the admin queue engine kicks queues through it).
+    pub dp: OnceLock<Sender<DpWork>>,
 }
 
 impl Core {
@@ -368,6 +372,17 @@ impl Core {
             rx_gate: Arc::default(),
             pause: PauseGate::default(),
             doorbells,
+            dp: OnceLock::new(),
+        }
+    }
+
+    /// Kicks the datapath worker for TX (`rx` false) or RX queue `q`, unless a kick for that queue waits already.
+    pub fn kick_tail(&self, q: u16, rx: bool) {
+        let (flags, w) = if rx { (&self.kicks.rx, DpWork::RxTail(q)) } else { (&self.kicks.tx, DpWork::Tx(q)) };
+        if let Some(dp) = self.dp.get() {
+            if Kicks::arm(flags, q) {
+                let _ = dp.send(w);
+            }
         }
     }
 

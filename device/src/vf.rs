@@ -13,7 +13,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use crate::cfg::VfConfig;
-use crate::core::{AqWork, Core, DpWork, Kicks};
+use crate::core::{AqWork, Core, DpWork};
 use crate::engine::port::RxPort;
 use crate::engine::worker::{self, Workers};
 use crate::mem::doorbell::{DoorbellPage, DOORBELL_PAGE};
@@ -219,13 +219,8 @@ impl I40eVf {
 
     // ---- registers ------------------------------------------------------------------------------------------
 
-    /// Kicks the datapath worker for a TX (`rx` false) or RX tail write, unless a kick for that queue waits already.
     fn kick_tail(&self, q: u16, rx: bool) {
-        let (flags, w) =
-            if rx { (&self.core.kicks.rx, DpWork::RxTail(q)) } else { (&self.core.kicks.tx, DpWork::Tx(q)) };
-        if Kicks::arm(flags, q) {
-            let _ = self.workers.dp.send(w);
-        }
+        self.core.kick_tail(q, rx);
     }
 
     fn bar0_read(&self, offset: u64, out: &mut [u8]) {

@@ -571,3 +571,33 @@ fn undeliverable_rx_frames_are_dropped_not_stuck() {
     assert_eq!(rx_wb(&mut d, 0, 0).expect("the frame behind the unfittable one").1, f);
     assert_eq!(stats(&mut d)[4], 1, "rx_discards");
 }
+
+/// A tail written before the queue is configured and enabled is latched, as hardware latches it: the frame goes out
+/// once the queue is enabled, with no further tail write. (A failover master opens a re-plugged VF while it is still
+/// registering, and the stack may post a frame that early; iavf's byte queue limits then stop the queue until
+/// that first frame completes, so before this fix the VF passed nothing until the 5 s TX watchdog reset it.)
+#[test]
+fn a_tail_written_before_the_queue_is_enabled_is_processed_when_it_is() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let mut d = dm::testbed(VfConfig::default());
+    d.init_aq();
+    assert_eq!(d.request(OP_VERSION, &dm::msg_version(1, 1)).status, 0);
+    assert_eq!(d.request(OP_GET_VF_RESOURCES, &(CAP_L2 | CAP_RSS_PF).to_le_bytes()).status, 0);
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+    impl device::FrameSink for Capture {
+        fn transmit(&self, frame: &[u8]) {
+            self.0.lock().unwrap().push(frame.to_vec());
+        }
+    }
+    d.bus.vf.set_sink(std::sync::Arc::new(Capture(sent.clone())));
+    d.bus.mem_write(BUFS, &frame([0xff; 6], 80));
+    put_desc(&mut d, 0, 0, BUFS, 80, true);
+    d.bus.write32(QTX_TAIL1, 1); // before CONFIG_VSI_QUEUES
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(sent.lock().unwrap().is_empty(), "an unconfigured queue transmitted");
+    assert_eq!(d.request(OP_CONFIG_VSI_QUEUES, &dm::msg_config_queues(1, dm::RINGS, 512, 2048, 1522)).status, 0);
+    assert_eq!(d.request(OP_ENABLE_QUEUES, &dm::msg_queue_select(1, 1)).status, 0);
+    assert!(wait_done(&mut d, 0, 0), "the frame posted before the queue was enabled never completed");
+    assert_eq!(sent.lock().unwrap().len(), 1);
+}

@@ -163,13 +163,29 @@ fn handle(core: &Core, d: &Desc, generation: u64) -> Result<After, ()> {
             }
             log::debug!("virtchnl: <- op {op} ({len} bytes)");
             let out = st.nic.pf.handle(op, &msg);
-            if op == virtchnl::OP_CONFIG_VSI_QUEUES && matches!(out.reply, Some((0, _))) {
+            let ok = matches!(out.reply, Some((0, _)));
+            if op == virtchnl::OP_CONFIG_VSI_QUEUES && ok {
                 for q in &mut st.nic.queues {
                     (q.tx_head, q.rx_head) = (0, 0); // fresh rings start at descriptor 0
                 }
             }
+            let enabled = (st.nic.pf.rx_enabled, st.nic.pf.tx_enabled);
             if let Some((status, payload)) = out.reply {
                 st.post(op, status, payload);
+            }
+            drop(st);
+            if op == virtchnl::OP_ENABLE_QUEUES && ok {
+                // Tails are latched even before a queue is configured (a driver opened early, as by a failover
+                // master while it registers, may post a frame then): as hardware does, an enabled queue starts
+                // from its head up to whatever tail was written.
+                for q in 0..16u16 {
+                    if enabled.1 & (1 << q) != 0 {
+                        core.kick_tail(q, false);
+                    }
+                    if enabled.0 & (1 << q) != 0 {
+                        core.kick_tail(q, true);
+                    }
+                }
             }
             Ok(out.after)
         }

@@ -27,12 +27,17 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
     loop {
         let (generation, cfg, head, tail) = {
             let st = core.lock();
-            let Some(cfg) = st.nic.pf.tx.get(qi).copied().flatten() else { return };
+            let Some(cfg) = st.nic.pf.tx.get(qi).copied().flatten() else {
+                log::trace!("TX queue {q}: kicked, not configured");
+                return;
+            };
             if st.nic.pf.tx_enabled & (1 << q) == 0 {
+                log::trace!("TX queue {q}: kicked, not enabled (tail {})", st.tx_tail(q));
                 return;
             }
             (st.generation, cfg, st.nic.queues[qi].tx_head, st.tx_tail(q))
         };
+        log::trace!("TX queue {q}: head {head} tail {tail}");
         if head == tail {
             return;
         }

@@ -41,6 +41,7 @@ impl Workers {
             .name("vf-datapath".into())
             .spawn(move || datapath(&c, dp_rx))
             .expect("spawning the datapath worker");
+        let _ = core.dp.set(dp_tx.clone());
         Workers { aq: aq_tx, dp: dp_tx, handles: vec![aq, dp] }
     }
 
