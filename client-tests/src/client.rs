@@ -619,6 +619,12 @@ impl Client {
         r
     }
 
+    /// PCI command: memory decoding and bus mastering on, as a driver's probe does; without bus mastering the
+    /// device does no DMA.
+    pub fn enable_bus_master(&mut self) {
+        self.region_write(CONFIG, 4, &0x0006u16.to_le_bytes()).ok("PCI command write");
+    }
+
     pub fn reset(&mut self) -> Reply {
         self.call(cmd::DEVICE_RESET, &[], &[])
     }

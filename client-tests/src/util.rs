@@ -58,6 +58,7 @@ pub fn held_atq_dma_read(c: &mut crate::Client, ring: u64) -> crate::client::Msg
     c.guest_write(ring, &aq_desc(AQ_OP_QUEUE_SHUTDOWN, 0));
     c.write32(BAR0, VF_ATQBAL1, ring as u32);
     c.write32(BAR0, VF_ATQBAH1, (ring >> 32) as u32);
+    c.enable_bus_master();
     c.write32(BAR0, VF_ATQLEN1, 32 | AQ_ENABLE);
     c.write32(BAR0, VF_ATQH1, 0);
     c.hold_dma = true;

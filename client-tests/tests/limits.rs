@@ -223,6 +223,9 @@ impl Bus for SocketBus {
     fn write32(&mut self, off: u64, v: u32) {
         self.0.write32(BAR0, off, v)
     }
+    fn config_write16(&mut self, off: u64, v: u16) {
+        self.0.region_write(CONFIG, off, &v.to_le_bytes()).ok("config write");
+    }
     fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
         buf.copy_from_slice(&self.0.guest_read(addr, buf.len()));
     }
@@ -284,6 +287,7 @@ fn max_pending_dma_fails_device_dma_past_the_limit() {
     c.reset().ok("DEVICE_RESET");
     c.write32(BAR0, VF_ATQBAL1, RING as u32);
     c.write32(BAR0, VF_ATQBAH1, (RING >> 32) as u32);
+    c.enable_bus_master();
     c.write32(BAR0, VF_ATQLEN1, 32 | AQ_ENABLE);
     c.posted_write(BAR0, VF_ATQT1, &1u32.to_le_bytes());
     wait_atq_stalled(&mut c, Duration::from_secs(2), "a device read past --max-pending-dma");

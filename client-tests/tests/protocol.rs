@@ -380,6 +380,7 @@ fn err_and_req_eventfds() {
 fn device_reset_restores_power_on_state() {
     let (mut s, mut c) = setup();
     c.write32(BAR0, VF_ATQBAL1, 0x1234_5000);
+    c.enable_bus_master();
     c.write32(BAR0, VF_ATQLEN1, 32 | AQ_ENABLE);
     c.write32(CONFIG, 0x04, 0x6);
     c.write32(CONFIG, 0x10, 0xfe00_0000);
@@ -429,6 +430,7 @@ const RING: u64 = 0x1_0000_0000; // above 4 GiB: ATQBAH matters
 fn run_admin_queue(c: &mut Client, ring: u64) {
     c.write32(BAR0, VF_ATQBAL1, ring as u32);
     c.write32(BAR0, VF_ATQBAH1, (ring >> 32) as u32);
+    c.enable_bus_master();
     c.write32(BAR0, VF_ATQLEN1, 32 | AQ_ENABLE);
     c.write32(BAR0, VF_ATQH1, 0);
     c.posted_write(BAR0, VF_ATQT1, &1u32.to_le_bytes());
@@ -471,6 +473,7 @@ fn commands_are_served_while_a_dma_request_is_outstanding() {
     c.guest_write(RING, &aq_desc(AQ_OP_QUEUE_SHUTDOWN, 0));
     c.write32(BAR0, VF_ATQBAL1, RING as u32);
     c.write32(BAR0, VF_ATQBAH1, (RING >> 32) as u32);
+    c.enable_bus_master();
     c.write32(BAR0, VF_ATQLEN1, 32 | AQ_ENABLE);
     c.hold_dma = true;
     c.posted_write(BAR0, VF_ATQT1, &1u32.to_le_bytes());
@@ -530,7 +533,7 @@ fn dma_chunks_respect_client_max_data_xfer_size() {
 }
 
 #[test]
-fn disconnect_drops_client_resources_and_keeps_device_state() {
+fn disconnect_drops_client_resources_and_the_next_client_gets_a_reset_device() {
     let mut s = ServerProcess::start();
     let mut a = s.connect_negotiated();
     let base = s.fd_count();
@@ -547,7 +550,7 @@ fn disconnect_drops_client_resources_and_keeps_device_state() {
 
     let mut b = s.connect_negotiated();
     assert_eq!(s.wait_fd_count(base, FD_SETTLE), base, "fds of the first client closed");
-    assert_eq!(b.read32(BAR0, VF_ATQBAL1), 0x00c0_ffee & !0xf, "device state survives the disconnect");
+    assert_eq!(b.read32(BAR0, VF_ATQBAL1), 0, "a new client gets a freshly reset device");
     b.dma_map(0x10_0000, 0x10000, DMA_RW, None).ok("old mapping gone: same range maps again");
     b.dma_map(0x20_0000, 0x10000, DMA_RW, None).ok("old fd-less mapping gone");
     b.write32(BAR0, VFINT_DYN_CTL01, DYN_INTENA | DYN_SWINT_TRIG);

@@ -97,9 +97,9 @@ fn rustvmm_config_space_and_bar0_register() {
     assert_eq!(class >> 8, 0x02_0000, "class");
     assert_eq!((before, after), (0, 0xdead_b000), "ATQBAL write/read-back");
     assert_eq!(rstat, RSTAT_VFACTIVE);
-    // The value survives the rust-vmm client's disconnect; our own client sees it.
+    // The next client gets a freshly reset device.
     let mut c = s.connect_negotiated();
-    assert_eq!(c.read32(BAR0, VF_ATQBAL1), 0xdead_b000);
+    assert_eq!(c.read32(BAR0, VF_ATQBAL1), 0);
     s.assert_alive();
 }
 
@@ -114,6 +114,8 @@ fn rustvmm_dma_map_memfd_used_by_admin_queue_then_unmap() {
         c.dma_map(0, iova, 1 << 20, fd.as_raw_fd()).map_err(e("dma_map"))?;
         wr32(c, BAR0, VF_ATQBAL1, iova as u32)?;
         wr32(c, BAR0, VF_ATQBAH1, 0)?;
+        // Memory decoding and bus mastering on (the PCI command register), as a driver's probe does.
+        c.region_write(CONFIG, 4, &6u16.to_le_bytes()).map_err(e("region_write"))?;
         wr32(c, BAR0, VF_ATQLEN1, 32 | AQ_ENABLE)?;
         wr32(c, BAR0, VF_ATQH1, 0)?;
         wr32(c, BAR0, VF_ATQT1, 1)?;

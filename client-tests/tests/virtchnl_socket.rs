@@ -17,6 +17,9 @@ impl Bus for SocketBus {
     fn write32(&mut self, off: u64, v: u32) {
         self.0.write32(0, off, v)
     }
+    fn config_write16(&mut self, off: u64, v: u16) {
+        self.0.region_write(client_tests::CONFIG, off, &v.to_le_bytes()).ok("config write");
+    }
     fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
         buf.copy_from_slice(&self.0.guest_read(addr, buf.len()));
     }

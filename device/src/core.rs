@@ -168,6 +168,12 @@ impl Dev {
         }
     }
 
+    /// Bus Master Enable in the PCI command register: without it a PCI function may not touch memory, so no engine
+    /// does (a driver that lets go of the VF clears it before the VMM unplugs the device).
+    pub fn bus_master(&self) -> bool {
+        self.config.u16(pci::config::CMD) & pci::config::CMD_BUS_MASTER != 0
+    }
+
     /// QTX_TAIL(q): the register file, or the doorbell page in `--doorbells mmap` mode.
     pub fn tx_tail(&self, q: u16) -> u32 {
         match &self.doorbells {

@@ -184,15 +184,7 @@ impl I40eVf {
             self.reg_write(u64::from(off), val);
         }
         self.core.lock().irq.thaw();
-        let _ = self.workers.aq.send(AqWork::Atq);
-        let _ = self.workers.aq.send(AqWork::Arq);
-        for q in 0..self.core.cfg.queue_pairs {
-            self.kick_tail(q, false);
-            self.kick_tail(q, true);
-        }
-        if self.core.doorbells.is_some() {
-            let _ = self.workers.dp.send(DpWork::Poll);
-        }
+        self.kick_all();
     }
 
     /// The device's state as plain data; needs a complete pause.
@@ -365,6 +357,11 @@ impl I40eVf {
         if cmd != old_cmd {
             log::debug!("PCI command register {old_cmd:#06x} -> {cmd:#06x}");
         }
+        let bme = pci::config::CMD_BUS_MASTER;
+        if (old_cmd ^ cmd) & bme != 0 {
+            log::info!("bus mastering {} by the driver", if cmd & bme != 0 { "enabled" } else { "disabled: no DMA" });
+        }
+        let kick = cmd & bme != 0 && old_cmd & bme == 0 && !self.core.pause.requested();
         let devctl = st.config.u16(pci::config::PCIE_DEVCTL);
         if devctl & pci::config::PCIE_DEVCTL_FLR != 0 {
             if self.core.pause.requested() {
@@ -378,6 +375,24 @@ impl I40eVf {
                 log::info!("function level reset requested through PCIe Device Control");
                 st.reset(&self.core.cfg);
             }
+        }
+        drop(st);
+        if kick {
+            // Work that waited for bus mastering (tails written, frames received) goes on now.
+            self.kick_all();
+        }
+    }
+
+    /// Kicks the admin queue and every queue once.
+    fn kick_all(&self) {
+        let _ = self.workers.aq.send(AqWork::Atq);
+        let _ = self.workers.aq.send(AqWork::Arq);
+        for q in 0..self.core.cfg.queue_pairs {
+            self.kick_tail(q, false);
+            self.kick_tail(q, true);
+        }
+        if self.core.doorbells.is_some() {
+            let _ = self.workers.dp.send(DpWork::Poll);
         }
     }
 }

@@ -262,3 +262,27 @@ fn a_paused_device_is_silent_whatever_the_driver_and_backend_do() {
     wait("the held interrupt", || signals(&ev) > 0);
     assert_eq!(b.d.bus.vf.stats().eth.tx_unicast, stats.eth.tx_unicast + 20);
 }
+
+/// A driver that lets go of the VF clears Bus Master Enable; from then on the device touches no guest memory,
+/// whatever arrives from the wire or is written to its tails, and goes on where it was when the bit comes back.
+#[test]
+fn no_dma_without_bus_mastering() {
+    let mut b = Bench::up(VfConfig { queue_pairs: 2, ..Default::default() });
+    b.send(4);
+    wait("4 frames with bus mastering on", || b.tx_done() && b.received().len() == 4);
+    b.d.bus.config_write16(testkit::PCI_COMMAND, testkit::PCI_COMMAND_MEMORY);
+    let writes = b.d.bus.ram.device_writes();
+    let port = b.d.bus.vf.rx_port();
+    for seq in 100..110 {
+        port.receive(frame(b.mac, seq));
+    }
+    b.send(3);
+    b.d.send(OP_GET_STATS, &dm::msg_queue_select(0, 0));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(b.d.bus.ram.device_writes(), writes, "the device wrote guest memory with bus mastering off");
+    assert!(!b.tx_done(), "frames completed with bus mastering off");
+    b.d.bus.config_write16(testkit::PCI_COMMAND, testkit::PCI_COMMAND_MEMORY | testkit::PCI_COMMAND_MASTER);
+    wait("the held work goes on", || b.tx_done() && b.received().len() == 7);
+    assert!(b.d.wait_atq_done(Duration::from_secs(2)).is_some(), "the admin queue request waited for bus mastering");
+    assert!(b.d.bus.vf.stats().eth.rx_discards >= 10, "frames from the wire without bus mastering are dropped");
+}

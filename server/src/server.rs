@@ -233,6 +233,13 @@ impl<D: VfioDevice> Server<D> {
             .map(|c| format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()))
             .unwrap_or_else(|_| "unknown peer".into());
         log::info!("client {} connected ({who})", self.sessions);
+        // A new client gets a freshly reset device: to a guest, a re-plugged VF is a new device, and nothing of
+        // the previous client's (mappings, eventfds, a migration) applies to it. State lives as long as the
+        // connection does.
+        self.device.reset();
+        if let Some(m) = self.device.migration() {
+            self.mig.reset(m);
+        }
         self.session = Some(Session {
             id: self.sessions,
             conn: Conn::new(stream, self.limits.max_msg()),

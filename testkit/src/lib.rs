@@ -19,11 +19,17 @@ use device::{DmaTransport, GuestMem, I40eVf, VfConfig, VfioDevice};
 pub trait Bus {
     fn read32(&mut self, off: u64) -> u32;
     fn write32(&mut self, off: u64, v: u32);
+    /// A 16-bit write to the VF's PCI config space.
+    fn config_write16(&mut self, off: u64, v: u16);
     fn mem_read(&mut self, addr: u64, buf: &mut [u8]);
     fn mem_write(&mut self, addr: u64, data: &[u8]);
 }
 
 pub const AQ_LEN: u32 = 32;
+/// PCI command register offset and bits.
+pub const PCI_COMMAND: u64 = 0x04;
+pub const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+pub const PCI_COMMAND_MASTER: u16 = 1 << 2;
 pub const AQ_BUF: u64 = 4096;
 const FLAG_RD: u16 = 0x0400;
 const FLAG_SI: u16 = 0x2000;
@@ -65,7 +71,9 @@ impl<B: Bus> DriverModel<B> {
     }
 
     /// Sets both queues up as iavf_init_adminq does: ATQ first, ARQ with every buffer posted and ARQT = len - 1.
+    /// First, as iavf's probe does (pci_enable_device, pci_set_master), memory decoding and bus mastering on.
     pub fn init_aq(&mut self) {
+        self.bus.config_write16(PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
         self.atq_ntu = 0;
         self.arq_ntc = 0;
         self.bus.mem_write(self.atq(), &[0; 32 * AQ_LEN as usize]);
@@ -381,6 +389,9 @@ impl Bus for VfBus {
     }
     fn write32(&mut self, off: u64, v: u32) {
         self.vf.region_write(0, off, &v.to_le_bytes()).unwrap();
+    }
+    fn config_write16(&mut self, off: u64, v: u16) {
+        self.vf.region_write(device::CONFIG_REGION, off, &v.to_le_bytes()).unwrap();
     }
     fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
         self.ram.peek(addr, buf).unwrap();

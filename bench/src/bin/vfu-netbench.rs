@@ -323,6 +323,9 @@ impl Bus for BenchBus {
     fn write32(&mut self, off: u64, v: u32) {
         self.vf.region_write(0, off, &v.to_le_bytes()).expect("BAR0 write");
     }
+    fn config_write16(&mut self, off: u64, v: u16) {
+        self.vf.region_write(device::CONFIG_REGION, off, &v.to_le_bytes()).expect("config write");
+    }
     fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
         self.mem.read(addr, buf).expect("driver memory read");
     }

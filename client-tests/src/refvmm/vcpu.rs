@@ -68,6 +68,9 @@ impl Bus for VmmBus {
     fn write32(&mut self, off: u64, v: u32) {
         self.conn.lock().unwrap().write32(BAR0, off, v)
     }
+    fn config_write16(&mut self, off: u64, v: u16) {
+        self.conn.lock().unwrap().region_write(crate::CONFIG, off, &v.to_le_bytes()).ok("config write");
+    }
     fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
         self.ram.read(addr, buf).unwrap_or_else(|e| panic!("guest read: {e}"))
     }

@@ -59,12 +59,12 @@ struct Ring {
     tail: u32,
 }
 
-/// Reads a queue's registers; None when the queue is disabled.
+/// Reads a queue's registers; None when the queue is disabled (or bus mastering is off: no DMA then).
 fn ring(core: &Core, len_reg: u64, bal: u64, bah: u64, head: u64, tail: u64) -> Option<Ring> {
     let st = core.lock();
     let r = &st.nic.regs;
     let lenreg = r.get(len_reg);
-    (lenreg & AQ_ENABLE != 0).then(|| Ring {
+    (lenreg & AQ_ENABLE != 0 && st.bus_master()).then(|| Ring {
         generation: st.generation,
         base: u64::from(r.get(bal)) | (u64::from(r.get(bah)) << 32),
         len: lenreg & AQ_LEN_MASK,

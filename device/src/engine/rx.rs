@@ -21,7 +21,7 @@ pub(crate) fn receive(core: &Core, frame: Vec<u8>) {
     let mut st = core.lock();
     core.fold_port_drops(&mut st);
     let pf = &st.nic.pf;
-    if frame.len() < 14 || !pf.queues_enabled() {
+    if frame.len() < 14 || !pf.queues_enabled() || !st.bus_master() {
         st.nic.pf.stats.rx_discards += 1;
         return;
     }
@@ -54,7 +54,7 @@ pub(crate) fn drain_rx(core: &Core, q: u16) {
             let mut st = core.lock();
             core.fold_port_drops(&mut st);
             let Some(cfg) = st.nic.pf.rx.get(qi).copied().flatten() else { return };
-            if st.nic.pf.rx_enabled & (1 << q) == 0 {
+            if st.nic.pf.rx_enabled & (1 << q) == 0 || !st.bus_master() {
                 return;
             }
             let tail = st.nic.regs.get(QRX_TAIL1 + 4 * u64::from(q));

@@ -35,6 +35,10 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
                 log::trace!("TX queue {q}: kicked, not enabled (tail {})", st.tx_tail(q));
                 return;
             }
+            if !st.bus_master() {
+                log::trace!("TX queue {q}: kicked, bus mastering off");
+                return;
+            }
             (st.generation, cfg, st.nic.queues[qi].tx_head, st.tx_tail(q))
         };
         log::trace!("TX queue {q}: head {head} tail {tail}");
