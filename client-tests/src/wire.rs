@@ -57,7 +57,8 @@ pub const IRQ_MSI: u32 = 1;
 pub const IRQ_MSIX: u32 = 2;
 pub const IRQ_ERR: u32 = 3;
 pub const IRQ_REQ: u32 = 4;
-pub const NUM_IRQS: u32 = 5;
+/// The five vfio-pci indexes and the remap IRQ (docs/remap-irq.md), with the default `--doorbells remap`.
+pub const NUM_IRQS: u32 = 6;
 
 /// IRQ info flags.
 pub const IRQ_INFO_EVENTFD: u32 = 1 << 0;

@@ -914,7 +914,7 @@ fn region_io_fds_index_out_of_range(s: &ServerProcess) {
 
 fn irq_info_index_out_of_range(s: &ServerProcess) {
     let mut c = s.connect_negotiated();
-    for i in [5u32, 6, 0x8000_0000, u32::MAX] {
+    for i in [6u32, 7, 0x8000_0000, u32::MAX] {
         expect_errno(&mut c, cmd::DEVICE_GET_IRQ_INFO, &info16(16, i), &[], EINVAL, &format!("IRQ_INFO {i}"));
     }
     still_works(&mut c, "after bad IRQ_INFO");
@@ -923,7 +923,7 @@ fn irq_info_index_out_of_range(s: &ServerProcess) {
 fn set_irqs_index_out_of_range(s: &ServerProcess) {
     let mut c = s.connect_negotiated();
     let e = eventfd();
-    for i in [5u32, 6, u32::MAX] {
+    for i in [6u32, 7, u32::MAX] {
         let p = set_irqs_payload(20, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, i, 0, 1, &[]);
         expect_errno(&mut c, cmd::DEVICE_SET_IRQS, &p, &[], EINVAL, &format!("SET_IRQS index {i}"));
         let p = set_irqs_payload(20, IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER, i, 0, 1, &[]);

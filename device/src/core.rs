@@ -1,5 +1,5 @@
 //! The live device: its state under one lock ([`Dev`]), the resources it uses beside it (guest memory, the
-//! client's eventfds, the packet sink, the doorbell page), and the small synchronisation pieces the register front
+//! client's eventfds, the packet sink, the doorbell pages), and the small synchronisation pieces the register front
 //! and the workers share ([`Core`]). The lock is held only for register-sized critical sections, never across a
 //! guest-memory access.
 
@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::cfg::VfConfig;
-use crate::mem::doorbell::DoorbellPage;
+use crate::cfg::{Doorbells, VfConfig};
+use crate::engine::derive::Observed;
+use crate::mem::doorbell::DoorbellPages;
 use crate::mem::GuestMem;
 use crate::net::{FrameSink, NoSink};
 use crate::nic::regs::*;
 use crate::nic::virtchnl::Pf;
 use crate::pci::{self, Interrupts, PciConfig};
+use crate::remap::Remap;
 use crate::state::{Counters, DeviceState, Identity, NicState, QueueState, ResetPhase, StateError, VectorState};
 
 /// Frames from the wire an [`RxPort`](crate::RxPort) may have queued for the datapath worker; more are dropped.
@@ -32,10 +34,14 @@ pub(crate) struct Dev {
     pub rx_backlog: Vec<VecDeque<Vec<u8>>>,
     /// Where transmitted frames go.
     pub sink: Arc<dyn FrameSink>,
-    /// `--doorbells mmap`: holds the QTX_TAIL registers while running.
-    pub doorbells: Option<Arc<DoorbellPage>>,
+    /// The only storage of the registers in BAR0's doorbell pages (a memfd the client may map).
+    pub doorbells: Arc<DoorbellPages>,
+    /// The remap IRQ's handshake: whether the doorbell pages are offered, and may be mapped.
+    pub remap: Remap,
     /// Bumped by every reset and load, so work started before does not write back after.
     pub generation: u64,
+    /// `--dirty-log descriptors`: the tails the engines last acted on.
+    pub observed: Observed,
     arq_max: usize,
 }
 
@@ -55,8 +61,10 @@ fn power_on_nic(cfg: &VfConfig) -> NicState {
 }
 
 impl Dev {
-    pub fn power_on(cfg: &VfConfig, doorbells: Option<Arc<DoorbellPage>>) -> Self {
+    pub fn power_on(cfg: &VfConfig) -> Self {
         let n = cfg.msix_vectors();
+        let doorbells = Arc::new(DoorbellPages::new().expect("creating the doorbell pages' memfd"));
+        let regions = if cfg.doorbells == Doorbells::Trap { 0 } else { 1 };
         Dev {
             config: pci::vf_config(n),
             irq: Interrupts::new(n as usize),
@@ -64,7 +72,9 @@ impl Dev {
             rx_backlog: vec![VecDeque::new(); cfg.queue_pairs as usize],
             sink: Arc::new(NoSink),
             doorbells,
+            remap: Remap::new(regions, cfg.doorbells == Doorbells::Mmap),
             generation: 0,
+            observed: Observed::default(),
             arq_max: cfg.max_arq_queued.max(1),
         }
     }
@@ -80,9 +90,8 @@ impl Dev {
         self.nic.pf.version = version;
         self.nic.counters = counters;
         self.rx_backlog.iter_mut().for_each(VecDeque::clear);
-        if let Some(page) = &self.doorbells {
-            page.clear();
-        }
+        self.doorbells.clear();
+        self.observed = Observed::default();
         self.generation += 1;
     }
 
@@ -92,9 +101,8 @@ impl Dev {
     pub fn vf_reset(&mut self) {
         self.generation += 1;
         self.nic.regs = RegFile::power_on();
-        if let Some(page) = &self.doorbells {
-            page.clear();
-        }
+        self.doorbells.clear();
+        self.observed = Observed::default();
         self.nic.regs.set(VFGEN_RSTAT, RSTAT_INPROGRESS);
         self.nic.reset = ResetPhase::InProgress;
         self.nic.vectors.fill(VectorState::default());
@@ -174,11 +182,55 @@ impl Dev {
         self.config.u16(pci::config::CMD) & pci::config::CMD_BUS_MASTER != 0
     }
 
-    /// QTX_TAIL(q): the register file, or the doorbell page in `--doorbells mmap` mode.
+    /// The BAR0 register at `off`: from the doorbell pages or the register file.
+    pub fn reg(&self, off: u64) -> u32 {
+        if DoorbellPages::owns(off) {
+            self.doorbells.get(off)
+        } else {
+            self.nic.regs.get(off)
+        }
+    }
+
+    pub fn set_reg(&mut self, off: u64, v: u32) {
+        if DoorbellPages::owns(off) {
+            self.doorbells.set(off, v)
+        } else {
+            self.nic.regs.set(off, v)
+        }
+    }
+
     pub fn tx_tail(&self, q: u16) -> u32 {
-        match &self.doorbells {
-            Some(page) => page.tail(q),
-            None => self.nic.regs.get(QTX_TAIL1 + 4 * u64::from(q)),
+        self.reg(QTX_TAIL1 + 4 * u64::from(q))
+    }
+
+    pub fn rx_tail(&self, q: u16) -> u32 {
+        self.reg(QRX_TAIL1 + 4 * u64::from(q))
+    }
+
+    /// Whether the datapath worker must poll the doorbell pages: the client may have them mapped, and a store
+    /// there could start work (a TX queue is enabled, or frames or PF messages wait for buffers).
+    pub fn must_poll(&self) -> bool {
+        self.remap.maybe_mapped() & 1 != 0
+            && (self.nic.pf.tx_enabled != 0
+                || self.rx_backlog.iter().any(|b| !b.is_empty())
+                || (!self.nic.arq.is_empty() && self.reg(VF_ARQLEN1) & AQ_ENABLE != 0))
+    }
+
+    /// A new memfd behind the doorbell pages (same contents), so a departed client's mapping reaches nothing of
+    /// the next client's. On failure the old one stays, and the fast path is refused.
+    pub fn renew_doorbells(&mut self) -> bool {
+        match DoorbellPages::new() {
+            Ok(p) => {
+                for off in DoorbellPages::offsets() {
+                    p.set(off, self.doorbells.get(off));
+                }
+                self.doorbells = Arc::new(p);
+                true
+            }
+            Err(e) => {
+                log::error!("a new doorbell memfd for the next client: {e}; BAR0 stays trapped");
+                false
+            }
         }
     }
 
@@ -186,10 +238,8 @@ impl Dev {
     /// buffers are counted as dropped in the saved copy (they are not carried).
     pub fn save(&self, cfg: &VfConfig) -> DeviceState {
         let mut nic = self.nic.clone();
-        if let Some(page) = &self.doorbells {
-            for q in 0..MAX_QUEUES as u16 {
-                nic.regs.set(QTX_TAIL1 + 4 * u64::from(q), page.tail(q));
-            }
+        for off in DoorbellPages::offsets().filter(|&o| is_register(o)) {
+            nic.regs.set(off, self.doorbells.get(off));
         }
         let waiting: u64 = self.rx_backlog.iter().map(|b| b.len() as u64).sum();
         nic.counters.rx_dropped_paused += waiting;
@@ -207,12 +257,10 @@ impl Dev {
         self.config = config;
         self.nic = s.nic.clone();
         self.rx_backlog.iter_mut().for_each(VecDeque::clear);
-        if let Some(page) = &self.doorbells {
-            page.clear();
-            for q in 0..MAX_QUEUES as u16 {
-                page.set_tail(q, self.nic.regs.get(QTX_TAIL1 + 4 * u64::from(q)));
-            }
+        for off in DoorbellPages::offsets() {
+            self.doorbells.set(off, self.nic.regs.get(off));
         }
+        self.observed = Observed::default();
         self.generation += 1;
         Ok(())
     }
@@ -347,7 +395,7 @@ pub(crate) enum DpWork {
     RxTail(u16),
     /// A frame from the wire.
     Rx(Vec<u8>),
-    /// `--doorbells mmap`: a TX queue is enabled, start polling the doorbell page.
+    /// Look at the doorbell pages now, and start polling them if [`Dev::must_poll`].
     Poll,
     /// Park until resumed.
     Pause,
@@ -363,22 +411,39 @@ pub(crate) struct Core {
     pub kicks: Kicks,
     pub rx_gate: Arc<RxGate>,
     pub pause: PauseGate,
-    pub doorbells: Option<Arc<DoorbellPage>>,
     /// The datapath worker's channel, set once the workers run (the admin queue engine kicks queues through it).
     pub dp: OnceLock<Sender<DpWork>>,
+    /// The admin queue worker's channel, set once the workers run (the poller kicks ARQ delivery through it).
+    pub aq: OnceLock<Sender<AqWork>>,
+    /// The datapath worker is polling the doorbell pages.
+    pub polling: AtomicBool,
+    /// Tail writes that arrived as messages (see [`crate::Stats::trapped_doorbells`]).
+    pub trapped_doorbells: AtomicU64,
 }
 
 impl Core {
-    pub fn new(cfg: VfConfig, mem: GuestMem, doorbells: Option<Arc<DoorbellPage>>) -> Self {
+    pub fn new(cfg: VfConfig, mem: GuestMem) -> Self {
         Core {
-            dev: Mutex::new(Dev::power_on(&cfg, doorbells.clone())),
+            dev: Mutex::new(Dev::power_on(&cfg)),
             mem,
             cfg,
             kicks: Kicks::default(),
             rx_gate: Arc::default(),
             pause: PauseGate::default(),
-            doorbells,
             dp: OnceLock::new(),
+            aq: OnceLock::new(),
+            polling: AtomicBool::new(false),
+            trapped_doorbells: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts the datapath worker polling if it must and is not (it blocks in `recv` otherwise). Call without the
+    /// device lock.
+    pub fn wake_poller(&self) {
+        if !self.polling.load(Ordering::Relaxed) && self.lock().must_poll() {
+            if let Some(dp) = self.dp.get() {
+                let _ = dp.send(DpWork::Poll);
+            }
         }
     }
 

@@ -155,7 +155,7 @@ impl FrameSink for CheckSink {
 
 /// A device without workers, so each engine runs on the caller's thread.
 fn shared(queue_pairs: u16, mem: GuestMem) -> Core {
-    let core = Core::new(VfConfig { queue_pairs, ..Default::default() }, mem, None);
+    let core = Core::new(VfConfig { queue_pairs, ..Default::default() }, mem);
     core.lock().sink = Arc::new(CheckSink::default());
     core
 }
@@ -219,7 +219,7 @@ pub fn admin_queue(data: &[u8]) {
     {
         let mut st = s.lock();
         for (r, v) in regs {
-            st.nic.regs.set(r, v);
+            st.set_reg(r, v);
         }
     }
     aq::process_atq(&s);
@@ -239,7 +239,7 @@ pub fn tx(data: &[u8]) {
     {
         let mut st = s.lock();
         let len = st.nic.pf.tx[0].map_or(64, |q| q.len);
-        st.nic.regs.set(QTX_TAIL1, u32::from(tail) % (len + 8)); // sometimes past the ring's end
+        st.set_reg(QTX_TAIL1, u32::from(tail) % (len + 8)); // sometimes past the ring's end
     }
     tx::process_tx(&s, 0);
     fm.check_read_only();
@@ -268,7 +268,7 @@ pub fn rx(data: &[u8]) {
         st.nic.pf.macs.push([2, 0, 0, 0, 0, 1]);
         st.nic.pf.promisc = u16::from(rss >> 6);
         let len = st.nic.pf.rx[0].map_or(64, |q| q.len);
-        st.nic.regs.set(QRX_TAIL1, u32::from(tail) % (len + 8));
+        st.set_reg(QRX_TAIL1, u32::from(tail) % (len + 8));
     }
     for f in frames {
         rx::receive(&s, f);
@@ -346,7 +346,7 @@ pub fn stream(data: &[u8]) {
         mac: id.mac,
         queue_pairs: id.queue_pairs,
         link_speed: id.link_speed,
-        mmap_doorbells: id.mmap_doorbells,
+        doorbells: id.doorbells,
         ..Default::default()
     };
     if state.validate(&cfg).is_err() {

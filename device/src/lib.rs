@@ -18,6 +18,7 @@ pub mod mem;
 mod net;
 pub mod nic;
 pub mod pci;
+pub mod remap;
 mod state;
 pub mod stream;
 mod vf;
@@ -26,9 +27,9 @@ mod vfio;
 #[doc(hidden)]
 pub mod fuzz;
 
-pub use cfg::{VfConfig, MAX_QUEUE_PAIRS, MSIX_VECTORS};
+pub use cfg::{Doorbells, VfConfig, MAX_QUEUE_PAIRS, MSIX_VECTORS};
 pub use engine::port::RxPort;
-pub use mem::doorbell::DOORBELL_PAGE;
+pub use mem::doorbell::{DOORBELL_PAGES, PAGE as DOORBELL_PAGE};
 pub use mem::{DmaTransport, GuestMem, Mapping, MemError};
 pub use net::{FrameSink, NoSink};
 pub use nic::virtchnl::LinkSpeed;

@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cfg::VfConfig;
+use crate::cfg::{Doorbells, VfConfig};
 use crate::nic::adminq::{ArqMsg, MAX_MSG};
 use crate::nic::regs::{is_register, RegFile};
 use crate::nic::stats::QueueStats;
@@ -28,7 +28,7 @@ pub struct Identity {
     pub mac: [u8; 6],
     pub queue_pairs: u16,
     pub msix_vectors: u16,
-    pub mmap_doorbells: bool,
+    pub doorbells: Doorbells,
     pub link_speed: LinkSpeed,
 }
 
@@ -40,7 +40,7 @@ impl Identity {
             mac: cfg.mac,
             queue_pairs: cfg.queue_pairs,
             msix_vectors: cfg.msix_vectors(),
-            mmap_doorbells: cfg.mmap_doorbells,
+            doorbells: cfg.doorbells,
             link_speed: cfg.link_speed,
         }
     }
@@ -63,13 +63,8 @@ impl Identity {
         if self.msix_vectors != here.msix_vectors {
             diffs.push(format!("{} MSI-X vectors, this device has {}", self.msix_vectors, here.msix_vectors));
         }
-        if self.mmap_doorbells != here.mmap_doorbells {
-            let mode = |m: bool| if m { "mmap" } else { "trap" };
-            diffs.push(format!(
-                "doorbells {}, this device's are {}",
-                mode(self.mmap_doorbells),
-                mode(here.mmap_doorbells)
-            ));
+        if self.doorbells != here.doorbells {
+            diffs.push(format!("doorbells {}, this device's are {}", self.doorbells.name(), here.doorbells.name()));
         }
         if self.link_speed != here.link_speed {
             diffs.push(format!("link speed {} Mbps, this device's is {}", self.link_speed.0, here.link_speed.0));
@@ -306,8 +301,8 @@ mod tests {
         s
     }
 
-    fn cfg(mmap: bool) -> VfConfig {
-        VfConfig { queue_pairs: 3, mac: [2, 1, 2, 3, 4, 5], mmap_doorbells: mmap, ..Default::default() }
+    fn cfg(doorbells: Doorbells) -> VfConfig {
+        VfConfig { queue_pairs: 3, mac: [2, 1, 2, 3, 4, 5], doorbells, ..Default::default() }
     }
 
     proptest! {
@@ -323,7 +318,7 @@ mod tests {
         /// A valid state survives the migration stream (docs/migration-stream.md) unchanged.
         #[test]
         fn stream_round_trip(s in any::<DeviceState>()) {
-            let s = sanitize(s, &cfg(false));
+            let s = sanitize(s, &cfg(Doorbells::Remap));
             let rec = crate::stream::encode_state(&s, &[]);
             let (back, _) = crate::stream::decode_state(&crate::stream::parse_record(&rec).unwrap(), &[]).unwrap();
             prop_assert_eq!(back, s);
@@ -331,8 +326,8 @@ mod tests {
 
         /// A valid state loaded into a device and saved again is the same state, in both doorbell modes.
         #[test]
-        fn load_then_save_is_identity(s in any::<DeviceState>(), mmap in any::<bool>()) {
-            let cfg = cfg(mmap);
+        fn load_then_save_is_identity(s in any::<DeviceState>(), doorbells in any::<Doorbells>()) {
+            let cfg = cfg(doorbells);
             let s = sanitize(s, &cfg);
             prop_assert_eq!(s.validate(&cfg), Ok(()));
             let vf = I40eVf::restore(cfg, GuestMem::new(), &s).unwrap();
@@ -342,16 +337,16 @@ mod tests {
 
     #[test]
     fn another_mac_or_queue_count_is_refused_by_name() {
-        let vf = I40eVf::new(cfg(false), GuestMem::new());
+        let vf = I40eVf::new(cfg(Doorbells::Remap), GuestMem::new());
         vf.pause();
         let saved = vf.save().unwrap();
-        let other = VfConfig { mac: [2, 9, 9, 9, 9, 9], queue_pairs: 2, ..cfg(false) };
+        let other = VfConfig { mac: [2, 9, 9, 9, 9, 9], queue_pairs: 2, ..cfg(Doorbells::Remap) };
         let e = I40eVf::restore(other, GuestMem::new(), &saved).err().expect("refused");
         let msg = e.to_string();
         assert!(msg.contains("MAC 02:01:02:03:04:05, this device's is 02:09:09:09:09:09"), "{msg}");
         assert!(msg.contains("3 queue pairs, this device has 2"), "{msg}");
-        let e = I40eVf::restore(cfg(true), GuestMem::new(), &saved).err().expect("refused").to_string();
-        assert!(e.contains("doorbells trap, this device's are mmap"), "{e}");
+        let e = I40eVf::restore(cfg(Doorbells::Trap), GuestMem::new(), &saved).err().expect("refused").to_string();
+        assert!(e.contains("doorbells remap, this device's are trap"), "{e}");
         assert!(vf.load(&saved).is_ok());
         vf.resume();
         assert_eq!(vf.save(), Err(StateError::NotPaused));
@@ -360,7 +355,7 @@ mod tests {
 
     #[test]
     fn hostile_states_are_refused_and_change_nothing() {
-        let vf = I40eVf::new(cfg(false), GuestMem::new());
+        let vf = I40eVf::new(cfg(Doorbells::Remap), GuestMem::new());
         vf.pause();
         let good = vf.save().unwrap();
         type Breaker = Box<dyn Fn(&mut DeviceState)>;

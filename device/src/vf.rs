@@ -12,16 +12,18 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use crate::cfg::VfConfig;
+use crate::cfg::{Doorbells, VfConfig};
 use crate::core::{AqWork, Core, DpWork};
+use crate::engine::derive::{self, Ring};
 use crate::engine::port::RxPort;
 use crate::engine::worker::{self, Workers};
-use crate::mem::doorbell::{DoorbellPage, DOORBELL_PAGE};
+use crate::mem::doorbell::{DoorbellPages, DOORBELL_PAGES, PAGE};
 use crate::mem::GuestMem;
 use crate::net::FrameSink;
 use crate::nic::regs::*;
 use crate::nic::stats::{EthStats, QueueStats};
 use crate::pci::{self, msix};
+use crate::remap;
 use crate::state::{Counters, DeviceState, Identity, StateError, MAX_HELD_WRITES};
 use crate::stream::{self, Extra};
 use crate::vfio::{DevResult, Errno, IrqAction, IrqData, IrqInfo, Migratable, RegionInfo, RegionMmap, VfioDevice};
@@ -45,6 +47,8 @@ pub struct Stats {
     pub eth: EthStats,
     pub queues: Vec<QueueStats>,
     pub counters: Counters,
+    /// Tail writes (TX, RX, ARQ) that came as messages since the client connected: none on the fast path.
+    pub trapped_doorbells: u64,
 }
 
 pub struct I40eVf {
@@ -54,15 +58,12 @@ pub struct I40eVf {
 
 impl I40eVf {
     pub fn new(cfg: VfConfig, mem: GuestMem) -> Self {
-        let doorbells =
-            cfg.mmap_doorbells.then(|| Arc::new(DoorbellPage::new().expect("creating the doorbell page memfd")));
-        if doorbells.is_some() {
-            log::info!(
-                "doorbells: BAR0 0x0-0xfff (QTX_TAIL) is an mmap area, polled every {:?}",
-                worker::POLL_INTERVAL
-            );
+        match cfg.doorbells {
+            Doorbells::Trap => log::info!("doorbells: trapped (no remap IRQ)"),
+            Doorbells::Remap => log::info!("doorbells: trapped; mapped for a client that enables the remap IRQ"),
+            Doorbells::Mmap => log::info!("doorbells: BAR0's doorbell pages are mmap areas outside migration"),
         }
-        let core = Arc::new(Core::new(cfg, mem, doorbells));
+        let core = Arc::new(Core::new(cfg, mem));
         let workers = Workers::spawn(&core);
         I40eVf { core, workers }
     }
@@ -120,7 +121,12 @@ impl I40eVf {
         let mut st = self.core.lock();
         self.core.fold_port_drops(&mut st);
         let n = &st.nic;
-        Stats { eth: n.pf.stats, queues: n.queues.iter().map(|q| q.stats).collect(), counters: n.counters }
+        Stats {
+            eth: n.pf.stats,
+            queues: n.queues.iter().map(|q| q.stats).collect(),
+            counters: n.counters,
+            trapped_doorbells: self.core.trapped_doorbells.load(Ordering::Relaxed),
+        }
     }
 
     // ---- pause, resume, save, load --------------------------------------------------------------------------
@@ -209,6 +215,50 @@ impl I40eVf {
         self.core.lock().load(&self.core.cfg, state)
     }
 
+    // ---- the remap IRQ (docs/remap-irq.md) ------------------------------------------------------------------
+
+    fn set_remap_irq(&self, action: IrqAction, count: u32, data: IrqData) -> DevResult<()> {
+        let mut st = self.core.lock();
+        match (action, data) {
+            (IrqAction::Trigger, IrqData::Eventfd(mut fds)) if fds.len() == 1 => {
+                log::info!("remap IRQ enabled by the client");
+                st.remap.enable(std::fs::File::from(fds.pop().expect("one fd")));
+            }
+            (IrqAction::Trigger, IrqData::Eventfd(fds)) if fds.is_empty() => {
+                log::info!("remap IRQ disabled by the client");
+                st.remap.disable();
+            }
+            (IrqAction::Trigger, IrqData::None) if count == 0 => {
+                log::info!("remap IRQ disabled by the client");
+                st.remap.disable();
+            }
+            (IrqAction::Trigger, _) => {
+                log::warn!("SET_IRQS: the remap IRQ is signalled by the device only");
+                return Err(Errno::EINVAL);
+            }
+            (IrqAction::Unmask, IrqData::None) => {
+                let released = st.remap.ack();
+                log::info!("remap IRQ acknowledged{}", if released & 1 != 0 { ": BAR0 is trapped now" } else { "" });
+            }
+            (IrqAction::Mask, IrqData::None) => st.remap.mask(),
+            (IrqAction::Unmask, IrqData::Bool(b)) if b == [true] => {
+                st.remap.ack();
+            }
+            (IrqAction::Mask, IrqData::Bool(b)) if b == [true] => st.remap.mask(),
+            (_, IrqData::Bool(_)) => {}
+            (_, IrqData::Eventfd(_)) => return Err(Errno::EINVAL),
+        }
+        drop(st);
+        self.core.wake_poller();
+        Ok(())
+    }
+
+    /// Migration moved into (false) or out of (true) a state in which the device must see every doorbell.
+    pub fn fast_path(&self, allowed: bool) {
+        self.core.lock().remap.set_allowed(allowed);
+        self.core.wake_poller();
+    }
+
     // ---- registers ------------------------------------------------------------------------------------------
 
     fn kick_tail(&self, q: u16, rx: bool) {
@@ -216,23 +266,16 @@ impl I40eVf {
     }
 
     fn bar0_read(&self, offset: u64, out: &mut [u8]) {
-        if let Some(page) = self.core.doorbells.as_ref().filter(|_| offset < DOORBELL_PAGE) {
-            let n = out.len().min((DOORBELL_PAGE - offset) as usize);
-            page.read(offset, &mut out[..n]);
-            if n < out.len() {
-                self.bar0_read(DOORBELL_PAGE, &mut out[n..]);
-            }
-            return;
-        }
         let paused = self.core.pause.requested();
         let mut st = self.core.lock();
         let first = offset & !3;
         let end = offset + out.len() as u64;
         let mut dw = first;
         while dw < end {
-            let v = if is_register(dw) { st.nic.regs.get(dw) } else { 0 };
+            // A doorbell page reads back whatever a store through a mapping left there, as the mapping does.
+            let v = if is_register(dw) || DoorbellPages::owns(dw) { st.reg(dw) } else { 0 };
             if dw == VFINT_ICR01 && !paused {
-                st.nic.regs.set(VFINT_ICR01, 0); // clear on read (not while paused: no side effects then)
+                st.set_reg(VFINT_ICR01, 0); // clear on read (not while paused: no side effects then)
             }
             for (i, b) in v.to_le_bytes().iter().enumerate() {
                 let at = dw + i as u64;
@@ -250,6 +293,8 @@ impl I40eVf {
             return Err(Errno::EINVAL);
         }
         let values = data.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()));
+        let doorbells = (0..data.len() as u64 / 4).filter(|i| is_doorbell(offset + 4 * i)).count();
+        self.core.trapped_doorbells.fetch_add(doorbells as u64, Ordering::Relaxed);
         if self.core.pause.requested() {
             let mut st = self.core.lock();
             for (i, v) in values.enumerate() {
@@ -265,45 +310,29 @@ impl I40eVf {
             }
             return Ok(());
         }
-        self.wake_poller();
         for (i, v) in values.enumerate() {
             self.reg_write(offset + 4 * i as u64, v);
         }
         Ok(())
     }
 
-    /// `--doorbells mmap`: a trapped write is the driver's sign of life after ENABLE_QUEUES (ARQT, DYN_CTL
-    /// re-arms); it starts the datapath worker polling the doorbell page if it was blocked.
-    fn wake_poller(&self) {
-        let Some(page) = &self.core.doorbells else { return };
-        let st = self.core.lock();
-        if st.nic.pf.tx_enabled != 0 && !page.polling.swap(true, Ordering::Relaxed) {
-            drop(st);
-            let _ = self.workers.dp.send(DpWork::Poll);
-        }
-    }
-
     fn reg_write(&self, off: u64, val: u32) {
-        if let Some(page) = self.core.doorbells.as_ref().filter(|_| off < DOORBELL_PAGE) {
-            // The page is shared memory: what the client stores there directly and what arrives trapped are one.
-            page.write(off, &val.to_le_bytes());
-            if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) {
-                self.kick_tail(((off - QTX_TAIL1) / 4) as u16, false);
+        if !is_register(off) {
+            if DoorbellPages::owns(off) {
+                self.core.lock().set_reg(off, val); // kept, as a store through a mapping would be
+            } else {
+                log::trace!("BAR0 write {val:#x} to unimplemented offset {off:#x} ignored");
             }
             return;
         }
-        if !is_register(off) {
-            log::trace!("BAR0 write {val:#x} to unimplemented offset {off:#x} ignored");
-            return;
-        }
         let mut st = self.core.lock();
-        let regs = &mut st.nic.regs;
         match off {
             VFGEN_RSTAT | VFINT_ICR01 => {}
             VF_ATQLEN1 | VF_ARQLEN1 => {
-                let was = regs.get(off);
+                let was = st.reg(off);
                 let v = (val & (AQ_LEN_MASK | AQ_ENABLE)) | (was & AQ_ERR_BITS & !val);
-                regs.set(off, v);
+                st.set_reg(off, v);
+                st.observed.forget(if off == VF_ATQLEN1 { Ring::Atq } else { Ring::Arq });
                 let q = if off == VF_ATQLEN1 { "ATQ" } else { "ARQ" };
                 if v & AQ_ENABLE != 0 && was & AQ_ENABLE == 0 {
                     log::info!("VF driver enabled the admin queue {q}: {} entries", v & AQ_LEN_MASK);
@@ -311,41 +340,44 @@ impl I40eVf {
                     log::info!("VF driver disabled the admin queue ({q})");
                 }
             }
-            VF_ATQH1 | VF_ARQH1 => regs.set(off, val & AQ_LEN_MASK),
+            VF_ATQH1 | VF_ARQH1 => {
+                st.set_reg(off, val & AQ_LEN_MASK);
+                st.observed.forget(if off == VF_ATQH1 { Ring::Atq } else { Ring::Arq });
+            }
             VF_ARQT1 | VF_ATQT1 => {
-                regs.set(off, val & AQ_LEN_MASK);
+                st.set_reg(off, val & AQ_LEN_MASK);
                 drop(st);
                 let _ = self.workers.aq.send(if off == VF_ATQT1 { AqWork::Atq } else { AqWork::Arq });
             }
             _ if (QRX_TAIL1..QRX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
                 // Latched even before the queue is configured: iavf writes it first.
-                regs.set(off, val);
+                st.set_reg(off, val);
                 drop(st);
                 self.kick_tail(((off - QRX_TAIL1) / 4) as u16, true);
             }
             _ if (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off) => {
-                regs.set(off, val);
+                st.set_reg(off, val);
                 drop(st);
                 self.kick_tail(((off - QTX_TAIL1) / 4) as u16, false);
             }
             VFINT_DYN_CTL01 => {
-                regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
+                st.set_reg(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
                 st.write_dyn_ctl(0, val);
             }
             _ if (VFINT_DYN_CTLN1..VFINT_DYN_CTLN1 + 4 * MAX_QUEUES).contains(&off) => {
-                regs.set(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
+                st.set_reg(off, val & !(DYN_SWINT_TRIG | DYN_CLEARPBA));
                 st.write_dyn_ctl(((off - VFINT_DYN_CTLN1) / 4 + 1) as usize, val);
             }
             VFINT_ICR0_ENA1 => {
-                regs.set(off, val);
-                if regs.get(VFINT_ICR01) & val != 0 {
+                st.set_reg(off, val);
+                if st.reg(VFINT_ICR01) & val != 0 {
                     st.nic.vectors[0].pending = true;
                     if st.nic.vectors[0].intena {
                         st.raise(0);
                     }
                 }
             }
-            _ => regs.set(off, val),
+            _ => st.set_reg(off, val),
         }
     }
 
@@ -391,10 +423,14 @@ impl I40eVf {
             self.kick_tail(q, false);
             self.kick_tail(q, true);
         }
-        if self.core.doorbells.is_some() {
-            let _ = self.workers.dp.send(DpWork::Poll);
-        }
     }
+}
+
+/// A tail register of the doorbell pages: what the fast path spares a message.
+fn is_doorbell(off: u64) -> bool {
+    (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off)
+        || (QRX_TAIL1..QRX_TAIL1 + 4 * MAX_QUEUES).contains(&off)
+        || off == VF_ARQT1
 }
 
 impl Drop for I40eVf {
@@ -419,6 +455,22 @@ impl Migratable for I40eVf {
 
     fn set_pause_notifier(&self, notify: Arc<dyn Fn() + Send + Sync>) {
         self.core.pause.set_notifier(notify);
+    }
+
+    fn fast_path(&self, allowed: bool) {
+        I40eVf::fast_path(self, allowed)
+    }
+
+    fn outstanding_dma(&self, during: &mut dyn FnMut()) -> Vec<(u64, u64)> {
+        // Under the device lock no engine looks at a tail, so none can take descriptors between this look and
+        // `during` (a harvest) unseen; descriptors are read before it, while unused ones still hold addresses.
+        let mut st = self.core.lock();
+        let mut out = Vec::new();
+        for span in st.outstanding() {
+            derive::ranges(&self.core.mem, &span, &mut out);
+        }
+        during();
+        out
     }
 
     fn compat_record(&self) -> Vec<u8> {
@@ -450,15 +502,19 @@ impl VfioDevice for I40eVf {
     }
 
     fn num_irqs(&self) -> u32 {
-        msix::NUM_IRQS
+        match self.core.cfg.doorbells {
+            Doorbells::Trap => msix::NUM_IRQS,
+            _ => remap::IRQ_INDEX + 1,
+        }
     }
 
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
         let rw = |size| RegionInfo { size, read: true, write: true, mmap_areas: vec![] };
         match index {
-            0 if self.core.doorbells.is_some() => {
-                Some(RegionInfo { mmap_areas: vec![(0, DOORBELL_PAGE)], ..rw(pci::BAR0_SIZE) })
-            }
+            0 if self.core.lock().remap.offers(0) => Some(RegionInfo {
+                mmap_areas: DOORBELL_PAGES.iter().map(|&p| (p, PAGE)).collect(),
+                ..rw(pci::BAR0_SIZE)
+            }),
             0 => Some(rw(pci::BAR0_SIZE)),
             3 => Some(rw(pci::BAR3_SIZE)),
             CONFIG_REGION => Some(rw(pci::CONFIG_SIZE as u64)),
@@ -467,9 +523,18 @@ impl VfioDevice for I40eVf {
         }
     }
 
-    fn region_mmap(&self, index: u32) -> Option<RegionMmap<'_>> {
-        let page = self.core.doorbells.as_ref().filter(|_| index == 0)?;
-        Some(RegionMmap { fd: page.fd(), offset: 0 })
+    fn region_mmap(&self, index: u32) -> Option<RegionMmap> {
+        if index != 0 {
+            return None;
+        }
+        let st = self.core.lock();
+        match st.doorbells.fd().try_clone_to_owned() {
+            Ok(fd) => Some(RegionMmap { fd, offset: 0 }),
+            Err(e) => {
+                log::error!("duplicating the doorbell memfd: {e}");
+                None
+            }
+        }
     }
 
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
@@ -478,6 +543,12 @@ impl VfioDevice for I40eVf {
             msix::INTX | msix::MSI => Some(IrqInfo { count: 0, ..Default::default() }),
             msix::MSIX => Some(efd(u32::from(self.core.cfg.msix_vectors()), true)),
             msix::ERR | msix::REQ => Some(efd(1, false)),
+            remap::IRQ_INDEX if self.core.cfg.doorbells != Doorbells::Trap => Some(IrqInfo {
+                automasked: true,
+                cap_type: Some((remap::IRQ_TYPE, remap::IRQ_SUBTYPE_SPARSE_MMAP)),
+                remap_regions: Some(self.core.lock().remap.regions()),
+                ..efd(1, true)
+            }),
             _ => None,
         }
     }
@@ -503,6 +574,9 @@ impl VfioDevice for I40eVf {
     }
 
     fn set_irqs(&mut self, index: u32, action: IrqAction, start: u32, count: u32, data: IrqData) -> DevResult<()> {
+        if index == remap::IRQ_INDEX {
+            return self.set_remap_irq(action, count, data);
+        }
         self.core.lock().irq.set_irqs(index, action, start, count, data)
     }
 
@@ -518,6 +592,11 @@ impl VfioDevice for I40eVf {
     fn client_gone(&mut self) {
         let mut st = self.core.lock();
         st.irq.forget_client();
+        if st.remap.maybe_mapped() != 0 {
+            log::info!("remap IRQ: the client may have left the doorbell pages mapped; the next one gets new ones");
+        }
+        st.remap.client_gone();
+        st.renew_doorbells();
         let per_queue: Vec<String> = st
             .nic
             .queues
@@ -526,6 +605,8 @@ impl VfioDevice for I40eVf {
             .map(|(q, s)| format!("q{q} rx {} tx {}", s.stats.rx_frames, s.stats.tx_frames))
             .collect();
         log::info!("frames per queue: {}", per_queue.join(", "));
+        let trapped = self.core.trapped_doorbells.swap(0, Ordering::Relaxed);
+        log::info!("doorbell writes trapped: {trapped}");
     }
 }
 

@@ -45,8 +45,8 @@ pub struct RegionInfo {
 }
 
 /// The fd and offset a client mmaps for a region that offers mmap areas.
-pub struct RegionMmap<'a> {
-    pub fd: std::os::fd::BorrowedFd<'a>,
+pub struct RegionMmap {
+    pub fd: OwnedFd,
     pub offset: u64,
 }
 
@@ -58,6 +58,10 @@ pub struct IrqInfo {
     pub maskable: bool,
     pub automasked: bool,
     pub noresize: bool,
+    /// A device-specific index's (type, subtype), for the IRQ info capability chain.
+    pub cap_type: Option<(u32, u32)>,
+    /// The remap IRQ's capability: region indexes it may signal (docs/remap-irq.md).
+    pub remap_regions: Option<u64>,
 }
 
 /// What SET_IRQS asks for, already validated for shape by the server.
@@ -88,7 +92,7 @@ pub trait VfioDevice: Send {
     /// `None` for an index past `num_regions`.
     fn region_info(&self, index: u32) -> Option<RegionInfo>;
     /// The mmap backing of a region that reports mmap areas.
-    fn region_mmap(&self, _index: u32) -> Option<RegionMmap<'_>> {
+    fn region_mmap(&self, _index: u32) -> Option<RegionMmap> {
         None
     }
     fn irq_info(&self, index: u32) -> Option<IrqInfo>;
@@ -116,6 +120,16 @@ pub trait Migratable {
     fn resume(&self);
     /// Called (on a device thread) when a requested pause completes.
     fn set_pause_notifier(&self, notify: Arc<dyn Fn() + Send + Sync>);
+    /// The migration state entered one in which the device must see every access (false: PRE_COPY, STOP_COPY,
+    /// RESUMING) or may offer its fast path again (true: RUNNING). See docs/remap-irq.md.
+    fn fast_path(&self, _allowed: bool) {}
+    /// `--dirty-log descriptors`: runs `during` (DMA_LOGGING_START or a REPORT's harvest) while no device engine
+    /// takes new descriptors, and returns the guest memory the device may still write through descriptors it was
+    /// given before (the caller marks it afterwards). See docs/remap-irq.md.
+    fn outstanding_dma(&self, during: &mut dyn FnMut()) -> Vec<(u64, u64)> {
+        during();
+        Vec::new()
+    }
     /// The PRE_COPY record: what a destination must match.
     fn compat_record(&self) -> Vec<u8>;
     /// The STOP_COPY record, with the caller's extra sections; needs a complete pause.

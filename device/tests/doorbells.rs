@@ -1,5 +1,5 @@
-//! `--doorbells mmap`: BAR0's first page (the QTX_TAIL registers) is a memfd the client maps; the datapath worker
-//! polls it. Trap mode (the default) is covered by `datapath.rs`.
+//! `--doorbells mmap`: BAR0's doorbell pages (TX tails, RX tails, ARQ tail) are a memfd the client maps; the
+//! datapath worker polls them. The remap IRQ's handshake is in `remap.rs`, trapped doorbells in `datapath.rs`.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use device::mem::GuestMem;
 use device::nic::regs::*;
 use device::nic::virtchnl::OP_GET_STATS;
-use device::{I40eVf, VfConfig, VfioDevice};
+use device::{Doorbells, I40eVf, VfConfig, VfioDevice};
 use testkit::{self as dm, Bus, DriverModel, VfBus};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, VolatileMemory};
@@ -18,16 +18,17 @@ use vm_memory::{Bytes, FileOffset, VolatileMemory};
 const BUFS: u64 = 0x30_0000;
 
 fn mmap_cfg() -> VfConfig {
-    VfConfig { mmap_doorbells: true, ..Default::default() }
+    VfConfig { doorbells: Doorbells::Mmap, ..Default::default() }
 }
 
-/// Maps BAR0's mmap area the way a client does: the fd and offset from `region_mmap`, shared.
+/// Maps BAR0's doorbell pages the way a client does: the fd and offset from `region_mmap`, shared (one mapping
+/// from BAR0 offset 0 to the end of the last page, so offsets are BAR0 offsets).
 fn map_page(vf: &I40eVf) -> MmapRegion<()> {
     let m = vf.region_mmap(0).expect("BAR0 offers an mmap fd in mmap mode");
-    let file = File::from(m.fd.try_clone_to_owned().unwrap());
+    let file = File::from(m.fd);
     MmapRegion::build(
         Some(FileOffset::new(file, m.offset)),
-        0x1000,
+        0x8000,
         libc::PROT_READ | libc::PROT_WRITE,
         libc::MAP_SHARED,
     )
@@ -88,19 +89,21 @@ fn a_tail_stored_in_the_shared_page_completes_the_frame() {
 }
 
 #[test]
-fn region_info_offers_the_doorbell_page_only_in_mmap_mode() {
+fn region_info_offers_the_doorbell_pages_from_the_start_only_in_mmap_mode() {
     let vf = I40eVf::new(mmap_cfg(), GuestMem::new());
     let info = vf.region_info(0).unwrap();
-    assert_eq!((info.size, info.read, info.write, info.mmap_areas.clone()), (0x10000, true, true, vec![(0, 0x1000)]));
+    let areas = vec![(0, 0x1000), (0x2000, 0x1000), (0x7000, 0x1000)];
+    assert_eq!((info.size, info.read, info.write, info.mmap_areas.clone()), (0x10000, true, true, areas));
     let m = vf.region_mmap(0).unwrap();
     assert_eq!(m.offset, 0);
-    let len = File::from(m.fd.try_clone_to_owned().unwrap()).metadata().unwrap().len();
-    assert_eq!(len, 0x1000, "the memfd holds exactly the page");
+    let len = File::from(m.fd).metadata().unwrap().len();
+    assert_eq!(len, 0x8000, "the memfd mirrors BAR0 up to the last doorbell page");
     assert!(vf.region_mmap(3).is_none() && vf.region_info(3).unwrap().mmap_areas.is_empty());
 
-    let trap = I40eVf::new(VfConfig::default(), GuestMem::new());
-    assert!(trap.region_info(0).unwrap().mmap_areas.is_empty());
-    assert!(trap.region_mmap(0).is_none());
+    for doorbells in [Doorbells::Remap, Doorbells::Trap] {
+        let vf = I40eVf::new(VfConfig { doorbells, ..Default::default() }, GuestMem::new());
+        assert!(vf.region_info(0).unwrap().mmap_areas.is_empty(), "{doorbells:?}: not before the remap IRQ");
+    }
 }
 
 #[test]
@@ -111,6 +114,12 @@ fn trapped_accesses_to_the_page_and_the_mapping_see_one_value() {
     assert_eq!(load(&page, 4), 7, "a trapped tail write lands in the page");
     vf.region_write(0, 0x800, &0xdead_beefu32.to_le_bytes()).unwrap();
     assert_eq!(load(&page, 0x800), 0xdead_beef, "the whole page is memory, not only the registers");
+    store(&page, VF_ARQH1 as usize, 0x55);
+    let mut b = [0u8; 4];
+    vf.region_read(0, VF_ARQH1, &mut b).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0x55, "the ARQ page too");
+    vf.region_write(0, QRX_TAIL1 + 8, &9u32.to_le_bytes()).unwrap();
+    assert_eq!(load(&page, QRX_TAIL1 as usize + 8), 9, "and the RX tail page");
     store(&page, 8, 0x1234_5678);
     let mut b = [0u8; 6];
     vf.region_read(0, 0xffe, &mut b).unwrap_or_else(|e| panic!("{e}"));
@@ -120,7 +129,8 @@ fn trapped_accesses_to_the_page_and_the_mapping_see_one_value() {
     assert_eq!(b, [0x56, 0x34], "a trapped read sees a direct store");
     assert_eq!(vf.region_write(0, 2, &[0; 4]), Err(device::Errno::EINVAL), "still dword-only");
     vf.reset();
-    assert_eq!((load(&page, 4), load(&page, 8), load(&page, 0x800)), (0, 0, 0), "reset clears the page");
+    assert_eq!((load(&page, 4), load(&page, 8), load(&page, 0x800)), (0, 0, 0), "reset clears the pages");
+    assert_eq!(load(&page, VF_ARQH1 as usize), 0);
 }
 
 /// Per-write cost of a doorbell on each path, against this device with a minimal vfio-user loop on a socketpair

@@ -257,6 +257,7 @@ fn queue_count_and_vectors_follow_the_flag() {
 #[test]
 fn admin_queue_base_wrapping_the_address_space_stalls_the_queue() {
     let mut d = driver();
+    d.bus.config_write16(dm::PCI_COMMAND, dm::PCI_COMMAND_MEMORY | dm::PCI_COMMAND_MASTER);
     d.bus.write32(VF_ATQLEN1, 2 | AQ_ENABLE);
     d.bus.write32(VF_ATQBAL1, 0xffff_ffe0);
     d.bus.write32(VF_ATQBAH1, 0xffff_ffff);

@@ -289,10 +289,7 @@ impl<D: VfioDevice> Ctx<'_, D> {
         if fits {
             w = w.bytes(&caps.0);
             if let Some(m) = mmap {
-                fds.push(m.fd.try_clone_to_owned().map_err(|e| {
-                    log::error!("duplicating region {index}'s mmap fd: {e}");
-                    Errno::EIO
-                })?);
+                fds.push(m.fd);
             }
         }
         Ok(Reply { payload: w.0, fds })
@@ -308,12 +305,27 @@ impl<D: VfioDevice> Ctx<'_, D> {
         Ok(Writer::default().u32(16).u32(0).u32(index).u32(0).into())
     }
 
+    /// The 16-byte vfio_irq_info, or for an index with capabilities (docs/remap-irq.md) the 24-byte form and its
+    /// chain when the client's argsz has room for them.
     fn irq_info(&mut self, p: &[u8]) -> HResult {
-        fixed_argsz(p, 16, "DEVICE_GET_IRQ_INFO")?;
+        let argsz = fixed_argsz(p, 16, "DEVICE_GET_IRQ_INFO")?;
         let index = Reader::new(&p[8..]).u32().unwrap_or(u32::MAX);
         let Some(i) = self.device.irq_info(index) else {
             reject!(Errno::EINVAL, "DEVICE_GET_IRQ_INFO: no IRQ index {index}");
         };
+        let mut chain = Vec::new();
+        if let Some((ty, sub)) = i.cap_type {
+            chain.push((VFU_IRQ_INFO_CAP_TYPE, Writer::default().u32(ty).u32(sub).0));
+        }
+        if let Some(regions) = i.remap_regions {
+            chain.push((VFU_IRQ_INFO_CAP_REMAP_REGIONS, Writer::default().u64(regions).0));
+        }
+        let mut caps = Writer::default();
+        for (k, (id, body)) in chain.iter().enumerate() {
+            let end = 24 + caps.0.len() + 8 + body.len();
+            let next = if k + 1 < chain.len() { end as u32 } else { 0 };
+            caps = caps.u16(*id).u16(1).u32(next).bytes(body);
+        }
         let flags = [
             (i.eventfd, VFIO_IRQ_INFO_EVENTFD),
             (i.maskable, VFIO_IRQ_INFO_MASKABLE),
@@ -323,7 +335,15 @@ impl<D: VfioDevice> Ctx<'_, D> {
         .iter()
         .filter(|(on, _)| *on)
         .fold(0, |acc, (_, f)| acc | f);
-        Ok(Writer::default().u32(16).u32(flags).u32(index).u32(i.count).into())
+        if caps.0.is_empty() {
+            return Ok(Writer::default().u32(16).u32(flags).u32(index).u32(i.count).into());
+        }
+        let needed = 24 + caps.0.len() as u32;
+        if argsz < needed {
+            return Ok(Writer::default().u32(needed).u32(flags).u32(index).u32(i.count).into());
+        }
+        let w = Writer::default().u32(needed).u32(flags | VFU_IRQ_INFO_FLAG_CAPS).u32(index).u32(i.count);
+        Ok(w.u32(24).u32(0).bytes(&caps.0).into())
     }
 
     fn set_irqs(&mut self, p: &[u8], fds: Vec<OwnedFd>) -> HResult {
@@ -568,6 +588,22 @@ impl<D: VfioDevice> Ctx<'_, D> {
         }))
     }
 
+    /// Runs a logging step; with `--dirty-log descriptors` (docs/remap-irq.md), inside the device's window, then
+    /// marks the pages of descriptors still outstanding so the next REPORT has them.
+    fn derived<R>(&mut self, step: impl FnOnce(&GuestMem) -> R) -> R {
+        let Some(dev) = self.device.migration().filter(|_| self.mem.derived_log()) else { return step(self.mem) };
+        let mem = self.mem;
+        let mut step = Some(step);
+        let mut out = None;
+        let ranges = dev.outstanding_dma(&mut || out = step.take().map(|f| f(mem)));
+        if mem.deriving() {
+            for (a, l) in ranges {
+                mem.mark_derived(a, l);
+            }
+        }
+        out.expect("the device ran the step")
+    }
+
     fn logging_start(&mut self, flags: u32, data: &[u8]) -> HResult {
         let mut r = Reader::new(data);
         let (Some(page_size), Some(n), Some(_)) = (r.u64(), r.u32(), r.u32()) else {
@@ -577,7 +613,8 @@ impl<D: VfioDevice> Ctx<'_, D> {
             reject!(Errno::EINVAL, "DMA_LOGGING_START: {n} ranges in {} data bytes", data.len());
         }
         let ranges: Vec<(u64, u64)> = (0..n).map(|_| (r.u64().unwrap_or(0), r.u64().unwrap_or(0))).collect();
-        let chosen = self.mem.start_logging(page_size, &ranges, self.mig.audit_enabled())?;
+        let audit = self.mig.audit_enabled();
+        let chosen = self.derived(|mem| mem.start_logging(page_size, &ranges, audit))?;
         log::info!(
             "DMA logging started: {} pages, {}",
             chosen,
@@ -607,7 +644,7 @@ impl<D: VfioDevice> Ctx<'_, D> {
         if u64::from(argsz) < need {
             reject!(Errno::EINVAL, "DMA_LOGGING_REPORT: argsz {argsz}, the bitmap needs {need}");
         }
-        let bits = self.mem.report(iova, len, page_size)?;
+        let bits = self.derived(|mem| mem.report(iova, len, page_size))?;
         let mut w = Writer(Vec::with_capacity(need as usize)).u32(need as u32).u32(flags).bytes(data);
         for b in bits {
             w = w.u64(b);
@@ -772,11 +809,20 @@ mod tests {
                 mmap_areas: vec![(0, 0x1000), (0x3000, 0x2000)],
             })
         }
-        fn region_mmap(&self, _: u32) -> Option<device::RegionMmap<'_>> {
-            Some(device::RegionMmap { fd: std::os::fd::AsFd::as_fd(&self.0), offset: 0x40000 })
+        fn region_mmap(&self, _: u32) -> Option<device::RegionMmap> {
+            Some(device::RegionMmap { fd: self.0.try_clone().unwrap(), offset: 0x40000 })
         }
-        fn irq_info(&self, _: u32) -> Option<device::IrqInfo> {
-            None
+        fn irq_info(&self, index: u32) -> Option<device::IrqInfo> {
+            // A remap IRQ that may name regions 0 and 3 (docs/remap-irq.md).
+            (index == 5).then_some(device::IrqInfo {
+                count: 1,
+                eventfd: true,
+                maskable: true,
+                automasked: true,
+                cap_type: Some((1, 0)),
+                remap_regions: Some(0b1001),
+                ..Default::default()
+            })
         }
         fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> device::DevResult<()> {
             Ok(())
@@ -789,6 +835,34 @@ mod tests {
         }
         fn reset(&mut self) {}
         fn client_gone(&mut self) {}
+    }
+
+    #[test]
+    fn irq_info_capability_chain_and_argsz_retry() {
+        let fd = rustix::fs::memfd_create("region", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let mut dev = MmapDev(fd);
+        let mem = GuestMem::new();
+        let mut neg = Some(Negotiated { client_max_xfer: 1 << 20, client_max_fds: 16, write_multiple: false });
+        let limits = Limits::default();
+        let mut mig = Migration::new(false);
+        let mut ctx = Ctx { device: &mut dev, mem: &mem, negotiated: &mut neg, limits: &limits, mig: &mut mig };
+        let req = |argsz: u32| Writer::default().u32(argsz).u32(0).u32(5).u32(0).0;
+        let flags = VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED;
+
+        // The legacy 16 bytes, argsz saying what the chain needs, no CAPS flag.
+        let r = ctx.irq_info(&req(16)).unwrap();
+        let mut rd = Reader::new(&r.payload);
+        assert_eq!((rd.u32(), rd.u32(), rd.u32(), rd.u32()), (Some(56), Some(flags), Some(5), Some(1)));
+        assert_eq!(r.payload.len(), 16);
+
+        let r = ctx.irq_info(&req(56)).unwrap();
+        assert_eq!(r.payload.len(), 56);
+        let mut rd = Reader::new(&r.payload);
+        let head = (rd.u32(), rd.u32(), rd.u32(), rd.u32(), rd.u32(), rd.u32());
+        assert_eq!(head, (Some(56), Some(flags | VFU_IRQ_INFO_FLAG_CAPS), Some(5), Some(1), Some(24), Some(0)));
+        // TYPE {1, 0} at 24, next 40; REMAP_REGIONS {0b1001} at 40, last.
+        assert_eq!((rd.u16(), rd.u16(), rd.u32(), rd.u32(), rd.u32()), (Some(1), Some(1), Some(40), Some(1), Some(0)));
+        assert_eq!((rd.u16(), rd.u16(), rd.u32(), rd.u64()), (Some(2), Some(1), Some(0), Some(0b1001)));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use device::mem::GuestMem;
 use device::nic::virtchnl::LinkSpeed;
-use device::{I40eVf, VfConfig};
+use device::{Doorbells, I40eVf, VfConfig};
 use server::backend::{Backend, BackendSpec};
 use server::{sys, Endpoint, Limits, Server};
 
@@ -51,9 +51,10 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     pcap: Option<PathBuf>,
 
-    /// TX doorbells (QTX_TAIL): trap (posted register writes) or mmap (BAR0's first page shared with the client and
-    /// polled by the device; opt-in, see docs/doorbells.md).
-    #[arg(long, value_name = "MODE", default_value = "trap", value_parser = ["trap", "mmap"])]
+    /// BAR0's doorbell pages (TX, RX and ARQ tails): remap (mmap-able for a client that enables the remap IRQ,
+    /// trapped during migration), trap (always trapped, no remap IRQ) or mmap (mmap-able for every client, trapped
+    /// during migration). See docs/remap-irq.md.
+    #[arg(long, value_name = "MODE", default_value = "remap", value_parser = ["remap", "trap", "mmap"])]
     doorbells: String,
 
     /// Most DMA mappings a client may hold at once (VERSION's max_dma_maps); more get ENOSPC.
@@ -86,6 +87,12 @@ struct Cli {
     /// page that differs (the VMM lost device writes). See docs/migration.md.
     #[arg(long)]
     migration_audit: bool,
+
+    /// What DMA_LOGGING_REPORT returns: exact (the pages the device wrote) or descriptors (the pages the
+    /// descriptors made available let it write, as software dirty tracking by trapped doorbells derives them; a
+    /// superset). See docs/remap-irq.md.
+    #[arg(long, value_name = "MODE", default_value = "exact", value_parser = ["exact", "descriptors"])]
+    dirty_log: String,
 
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -144,7 +151,11 @@ fn run(cli: Cli) -> std::io::Result<()> {
     let mut cfg = VfConfig {
         queue_pairs: cli.queues,
         link_speed: LinkSpeed(cli.link_speed),
-        mmap_doorbells: cli.doorbells == "mmap",
+        doorbells: match cli.doorbells.as_str() {
+            "trap" => Doorbells::Trap,
+            "mmap" => Doorbells::Mmap,
+            _ => Doorbells::Remap,
+        },
         max_arq_queued: cli.max_arq_queued as usize,
         ..Default::default()
     };
@@ -188,6 +199,10 @@ fn run(cli: Cli) -> std::io::Result<()> {
         (None, None) => unreachable!("clap requires --socket or --fd"),
     };
     log::info!("limits: {limits:?}, ARQ queue {}", cli.max_arq_queued);
+    if cli.dirty_log == "descriptors" {
+        log::info!("dirty logging reports the pages descriptors let the device write (--dirty-log descriptors)");
+        mem.set_derived_log(true);
+    }
     let mut server = Server::new(vf, mem, endpoint, limits, cli.migration_audit)?;
     server.stop_on(signals)?;
     server.run()

@@ -210,7 +210,15 @@ impl Migration {
             }
             let to = next(self.state, target).ok_or(Errno::EINVAL)?;
             match self.arc(to, dev, mem) {
-                Ok(true) => self.state = to,
+                Ok(true) => {
+                    self.state = to;
+                    // The fast path (docs/remap-irq.md) is taken back while saving or resuming.
+                    match to {
+                        MigState::Running => dev.fast_path(true),
+                        MigState::PreCopy | MigState::StopCopy | MigState::Resuming => dev.fast_path(false),
+                        _ => {}
+                    }
+                }
                 Ok(false) => return Ok(Progress::Waiting),
                 Err(why) => {
                     log::error!(
@@ -444,6 +452,7 @@ impl Migration {
         self.abandon();
         self.state = MigState::Running;
         dev.resume();
+        dev.fast_path(true);
     }
 
     /// The client left: sessions end; a device the migration had stopped stays stopped (STOP: no DMA into memory

@@ -65,6 +65,9 @@ struct Session {
     /// held: the device may be waiting for one).
     held: std::collections::VecDeque<Incoming>,
     held_bytes: usize,
+    /// REGION_WRITE messages to BAR0: posted (no_reply), and with a reply. A client that posts writes only while
+    /// nothing is mmap-able (QEMU) shows here which way it went.
+    bar0_writes: [u64; 2],
 }
 
 pub struct Server<D: VfioDevice> {
@@ -253,6 +256,7 @@ impl<D: VfioDevice> Server<D> {
             deferred: None,
             held: Default::default(),
             held_bytes: 0,
+            bar0_writes: [0; 2],
         });
         // The client may already have sent data (and hung up) before we registered; edge-triggered polling would
         // not say so.
@@ -285,6 +289,8 @@ impl<D: VfioDevice> Server<D> {
             s.id,
             s.pending.len()
         );
+        let [posted, replied] = s.bar0_writes;
+        log::info!("client {}: BAR0 writes: {posted} posted, {replied} with a reply", s.id);
         drop(s); // pending DMA waiters wake with "client disconnected"
         while let Ok(req) = self.dma_rx.try_recv() {
             let _ = req.reply.send(Err(io::Error::new(io::ErrorKind::NotConnected, "client disconnected")));
@@ -409,6 +415,9 @@ impl<D: VfioDevice> Server<D> {
         let Some(s) = &mut self.session else { return };
         let h = m.header;
         log::trace!("<- {} id {} ({} bytes, {} fds)", command_name(h.cmd), h.id, h.size, m.fds.len());
+        if h.cmd == CMD_REGION_WRITE && Reader::new(m.payload.get(8..).unwrap_or_default()).u32() == Some(0) {
+            s.bar0_writes[usize::from(!h.no_reply())] += 1;
+        }
         let result = if h.msg_type() != TYPE_COMMAND {
             log::warn!("message type {} is neither command nor reply", h.msg_type());
             Err(Errno::EINVAL)

@@ -21,6 +21,11 @@ pub const CMD_DEVICE_FEATURE: u16 = 16;
 pub const CMD_MIG_DATA_READ: u16 = 17;
 pub const CMD_MIG_DATA_WRITE: u16 = 18;
 
+// The remap IRQ's info capability chain (docs/remap-irq.md): a vfio-user extension, not in the kernel's uapi.
+pub const VFU_IRQ_INFO_FLAG_CAPS: u32 = 1 << 4;
+pub const VFU_IRQ_INFO_CAP_TYPE: u16 = 1;
+pub const VFU_IRQ_INFO_CAP_REMAP_REGIONS: u16 = 2;
+
 pub const FLAG_TYPE_MASK: u32 = 0xf;
 pub const TYPE_COMMAND: u32 = 0;
 pub const TYPE_REPLY: u32 = 1;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::core::{AqWork, Core};
+use crate::engine::derive;
 use crate::nic::adminq::*;
 use crate::nic::regs::*;
 use crate::nic::virtchnl::{self, After, Pf};
@@ -61,24 +62,34 @@ struct Ring {
 
 /// Reads a queue's registers; None when the queue is disabled (or bus mastering is off: no DMA then).
 fn ring(core: &Core, len_reg: u64, bal: u64, bah: u64, head: u64, tail: u64) -> Option<Ring> {
-    let st = core.lock();
-    let r = &st.nic.regs;
-    let lenreg = r.get(len_reg);
-    (lenreg & AQ_ENABLE != 0 && st.bus_master()).then(|| Ring {
+    let mut st = core.lock();
+    let lenreg = st.reg(len_reg);
+    if lenreg & AQ_ENABLE == 0 || !st.bus_master() {
+        return None;
+    }
+    let r = Ring {
         generation: st.generation,
-        base: u64::from(r.get(bal)) | (u64::from(r.get(bah)) << 32),
+        base: u64::from(st.reg(bal)) | (u64::from(st.reg(bah)) << 32),
         len: lenreg & AQ_LEN_MASK,
-        head: r.get(head),
-        tail: r.get(tail),
-    })
+        // Masked: through a mapped doorbell page the driver can store any value.
+        head: st.reg(head) & AQ_LEN_MASK,
+        tail: st.reg(tail) & AQ_LEN_MASK,
+    };
+    if core.mem.deriving() {
+        let which = if len_reg == VF_ATQLEN1 { derive::Ring::Atq } else { derive::Ring::Arq };
+        let span = st.observe(which, r.base, r.len, r.head, r.tail, 0);
+        drop(st);
+        derive::mark(core, span);
+    }
+    Some(r)
 }
 
 /// Marks a queue critically broken (LEN.CRIT), as hardware does on a head/tail outside the ring.
 fn stall(core: &Core, len_reg: u64, why: std::fmt::Arguments<'_>) {
     log::error!("{why}; admin queue stalled until reset");
     let mut st = core.lock();
-    let v = st.nic.regs.get(len_reg) | AQ_CRIT;
-    st.nic.regs.set(len_reg, v);
+    let v = st.reg(len_reg) | AQ_CRIT;
+    st.set_reg(len_reg, v);
 }
 
 /// Processes ATQH..ATQT: read each descriptor and its buffer, handle it, write it back with DD|CMP, then advance
@@ -119,7 +130,7 @@ pub(crate) fn process_atq(core: &Core) {
             if st.generation != r.generation {
                 return;
             }
-            st.nic.regs.set(VF_ATQH1, (r.head + 1) % r.len);
+            st.set_reg(VF_ATQH1, (r.head + 1) % r.len);
             if after == Ok(After::LinkUp) {
                 let ev = st.nic.pf.link_event(st.nic.pf.link_up);
                 st.post(virtchnl::OP_EVENT, 0, ev);
@@ -169,6 +180,9 @@ fn handle(core: &Core, d: &Desc, generation: u64) -> Result<After, ()> {
                     (q.tx_head, q.rx_head) = (0, 0); // fresh rings start at descriptor 0
                 }
             }
+            if matches!(op, virtchnl::OP_CONFIG_VSI_QUEUES | virtchnl::OP_ENABLE_QUEUES | virtchnl::OP_DISABLE_QUEUES) {
+                st.observed.forget_queues();
+            }
             let enabled = (st.nic.pf.rx_enabled, st.nic.pf.tx_enabled);
             if let Some((status, payload)) = out.reply {
                 st.post(op, status, payload);
@@ -209,6 +223,8 @@ pub(crate) fn deliver_arq(core: &Core) {
         }
         // Slots head..tail belong to the device; head == tail means none is free.
         if r.head == r.tail {
+            // A driver with the ARQ tail mapped returns buffers without a message: watch for it.
+            core.wake_poller();
             return;
         }
         let Some(m) = core.lock().nic.arq.pop_front() else { return };
@@ -253,7 +269,7 @@ pub(crate) fn deliver_arq(core: &Core) {
         if st.generation != r.generation {
             return;
         }
-        st.nic.regs.set(VF_ARQH1, (r.head + 1) % r.len);
+        st.set_reg(VF_ARQH1, (r.head + 1) % r.len);
         log::debug!("virtchnl: -> op {} status {} ({} bytes)", m.op, m.status, m.payload.len());
         st.raise_misc(ICR0_ADMINQ);
     }
@@ -270,12 +286,12 @@ fn advance_reset(core: &Core) {
             st.vf_reset();
         }
         ResetPhase::InProgress => {
-            st.nic.regs.set(VFGEN_RSTAT, RSTAT_COMPLETED);
+            st.set_reg(VFGEN_RSTAT, RSTAT_COMPLETED);
             st.nic.reset = ResetPhase::Completed;
             log::info!("VF reset: completed");
         }
         ResetPhase::Completed => {
-            st.nic.regs.set(VFGEN_RSTAT, RSTAT_VFACTIVE);
+            st.set_reg(VFGEN_RSTAT, RSTAT_VFACTIVE);
             st.nic.reset = ResetPhase::Idle;
             log::info!("VF reset: VF active");
         }

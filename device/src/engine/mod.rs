@@ -2,6 +2,7 @@
 //! and the workers themselves (threads, pause). Everything here goes through [`Core`](crate::core::Core).
 
 pub(crate) mod aq;
+pub(crate) mod derive;
 pub(crate) mod port;
 pub(crate) mod rx;
 pub(crate) mod tx;

@@ -2,9 +2,9 @@
 //! buffers the driver posted, waiting in a bounded backlog while a ring has none.
 
 use crate::core::Core;
+use crate::engine::derive::{self, Ring};
 use crate::engine::{desc_addr, mdd, Mdd};
 use crate::nic::offload;
-use crate::nic::regs::QRX_TAIL1;
 use crate::nic::virtchnl::RxQueue;
 
 /// RX descriptor (32-byte legacy format) writeback bits.
@@ -57,11 +57,19 @@ pub(crate) fn drain_rx(core: &Core, q: u16) {
             if st.nic.pf.rx_enabled & (1 << q) == 0 || !st.bus_master() {
                 return;
             }
-            let tail = st.nic.regs.get(QRX_TAIL1 + 4 * u64::from(q));
+            let tail = st.rx_tail(q);
             let head = st.nic.queues[qi].rx_head;
             if tail >= cfg.len || head >= cfg.len {
                 drop(st);
                 return disable_rx(core, q, cfg, Mdd::Desc("RX tail or head past the end of the ring"));
+            }
+            if core.mem.deriving() {
+                let span = st.observe(Ring::Rx(q), cfg.ring, cfg.len, head, tail, u64::from(cfg.buf_size));
+                if span.is_some() {
+                    drop(st);
+                    derive::mark(core, span);
+                    continue;
+                }
             }
             let free = (tail + cfg.len - head) % cfg.len;
             let Some(frame) = st.rx_backlog[qi].front() else { break };

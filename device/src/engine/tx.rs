@@ -2,6 +2,7 @@
 //! tail, gathers each frame, applies its offloads and hands the result to the packet sink.
 
 use crate::core::Core;
+use crate::engine::derive::{self, Ring};
 use crate::engine::{desc_addr, mdd, Mdd};
 use crate::nic::offload::{self, TxOffload};
 use crate::nic::virtchnl::TxQueue;
@@ -26,7 +27,7 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
     let qi = q as usize;
     loop {
         let (generation, cfg, head, tail) = {
-            let st = core.lock();
+            let mut st = core.lock();
             let Some(cfg) = st.nic.pf.tx.get(qi).copied().flatten() else {
                 log::trace!("TX queue {q}: kicked, not configured");
                 return;
@@ -39,7 +40,11 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
                 log::trace!("TX queue {q}: kicked, bus mastering off");
                 return;
             }
-            (st.generation, cfg, st.nic.queues[qi].tx_head, st.tx_tail(q))
+            let (generation, head, tail) = (st.generation, st.nic.queues[qi].tx_head, st.tx_tail(q));
+            let span = core.mem.deriving().then(|| st.observe(Ring::Tx(q), cfg.ring, cfg.len, head, tail, 0));
+            drop(st);
+            derive::mark(core, span.flatten()); // before the descriptors' writeback
+            (generation, cfg, head, tail)
         };
         log::trace!("TX queue {q}: head {head} tail {tail}");
         if head == tail {

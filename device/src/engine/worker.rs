@@ -1,6 +1,6 @@
 //! The device's two worker threads: the admin queue worker (ATQ, ARQ delivery, VF resets) and the datapath worker
-//! (TX and RX rings, and in `--doorbells mmap` mode the doorbell poller). Each parks on a pause message and stops
-//! on a stop message.
+//! (TX and RX rings, and the doorbell poller while the client may have the doorbell pages mapped). Each parks on a
+//! pause message and stops on a stop message.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,8 +11,7 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::core::{AqWork, Core, DpWork, Kicks};
 use crate::engine::{aq, rx, tx};
-use crate::mem::doorbell::DoorbellPage;
-use crate::nic::regs::MAX_QUEUES;
+use crate::nic::regs::{MAX_QUEUES, VF_ARQT1};
 
 /// How long the poller sleeps between looks at the doorbell page while a TX queue is enabled.
 pub const POLL_INTERVAL: Duration = Duration::from_micros(20);
@@ -42,6 +41,7 @@ impl Workers {
             .spawn(move || datapath(&c, dp_rx))
             .expect("spawning the datapath worker");
         let _ = core.dp.set(dp_tx.clone());
+        let _ = core.aq.set(aq_tx.clone());
         Workers { aq: aq_tx, dp: dp_tx, handles: vec![aq, dp] }
     }
 
@@ -55,13 +55,45 @@ impl Workers {
     }
 }
 
+/// Serves kicks and frames. While [`Dev::must_poll`](crate::core::Dev::must_poll) (the client may store
+/// doorbells into its mapping and a store could start work) it also looks at the doorbell pages every
+/// [`POLL_INTERVAL`] and after every message, and acts on each tail that moved; otherwise it blocks until a message
+/// comes, so an idle server burns no CPU. It looks once more after polling stops, so stores made before the
+/// client unmapped the pages are not missed.
 fn datapath(core: &Core, rx: Receiver<DpWork>) {
-    if let Some(page) = core.doorbells.clone() {
-        return polling_datapath(core, &rx, &page);
-    }
-    while let Ok(w) = rx.recv() {
-        if !handle(core, w) {
-            return;
+    let mut seen = Seen::default();
+    let mut generation = u64::MAX;
+    let mut was_mapped = false;
+    loop {
+        let (poll, mapped) = {
+            let st = core.lock();
+            if st.generation != generation {
+                generation = st.generation;
+                seen = Seen::default(); // a reset or a load rewrote the pages
+            }
+            (st.must_poll(), st.remap.maybe_mapped() & 1 != 0)
+        };
+        core.polling.store(poll, Ordering::Relaxed);
+        if mapped || was_mapped {
+            scan(core, &mut seen);
+        }
+        was_mapped = mapped;
+        let w = if poll {
+            match rx.recv_timeout(POLL_INTERVAL) {
+                Ok(w) => Some(w),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(w) => Some(w),
+                Err(_) => return,
+            }
+        };
+        if let Some(w) = w {
+            if !handle(core, w) {
+                return;
+            }
         }
     }
 }
@@ -88,52 +120,39 @@ fn handle(core: &Core, w: DpWork) -> bool {
     true
 }
 
-/// `--doorbells mmap`: while a TX queue is enabled, looks at the doorbell page every [`POLL_INTERVAL`] (and after
-/// every message) and walks each queue whose tail moved; otherwise blocks until a message comes, so an idle
-/// server burns no CPU. A trapped BAR0 write sends [`DpWork::Poll`] once queues are enabled.
-fn polling_datapath(core: &Core, rx: &Receiver<DpWork>, page: &DoorbellPage) {
-    let mut seen = [0u32; MAX_QUEUES as usize];
-    let mut generation = 0;
-    loop {
-        let enabled = {
-            let st = core.lock();
-            if st.generation != generation {
-                generation = st.generation;
-                seen = [0; MAX_QUEUES as usize]; // a reset or a load rewrote the page
-            }
-            page.polling.store(st.nic.pf.tx_enabled != 0, Ordering::Relaxed);
-            st.nic.pf.tx_enabled
-        };
-        let w = if enabled != 0 {
-            match rx.recv_timeout(POLL_INTERVAL) {
-                Ok(w) => Some(w),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-        } else {
-            match rx.recv() {
-                Ok(w) => Some(w),
-                Err(_) => return,
-            }
-        };
-        if let Some(w) = w {
-            let paused = matches!(w, DpWork::Pause);
-            if !handle(core, w) {
-                return;
-            }
-            if paused {
-                continue; // look at the state afresh: it may have been replaced while parked
-            }
+/// The doorbell values the poller last acted on.
+#[derive(Default)]
+struct Seen {
+    tx: [u32; MAX_QUEUES as usize],
+    rx: [u32; MAX_QUEUES as usize],
+    arqt: u32,
+}
+
+/// Acts on every doorbell in the pages that moved since the last look: TX tails of enabled queues, RX tails of
+/// queues with frames waiting for buffers, and ARQT while PF messages wait.
+fn scan(core: &Core, seen: &mut Seen) {
+    let (tx_enabled, rx_waiting, arqt, arq_waiting, tx_tails, rx_tails) = {
+        let st = core.lock();
+        let rx_waiting: u32 =
+            st.rx_backlog.iter().enumerate().filter(|(_, b)| !b.is_empty()).map(|(q, _)| 1 << q).sum();
+        let tx_tails: [u32; MAX_QUEUES as usize] = std::array::from_fn(|q| st.tx_tail(q as u16));
+        let rx_tails: [u32; MAX_QUEUES as usize] = std::array::from_fn(|q| st.rx_tail(q as u16));
+        (st.nic.pf.tx_enabled, rx_waiting, st.reg(VF_ARQT1), !st.nic.arq.is_empty(), tx_tails, rx_tails)
+    };
+    for q in 0..MAX_QUEUES as usize {
+        if tx_enabled & (1 << q) != 0 && tx_tails[q] != seen.tx[q] {
+            seen.tx[q] = tx_tails[q];
+            tx::process_tx(core, q as u16);
         }
-        for q in 0..MAX_QUEUES as u16 {
-            if enabled & (1 << q) == 0 {
-                continue;
-            }
-            let tail = page.tail(q);
-            if tail != seen[q as usize] {
-                seen[q as usize] = tail;
-                tx::process_tx(core, q);
-            }
+        if rx_waiting & (1 << q) != 0 && rx_tails[q] != seen.rx[q] {
+            seen.rx[q] = rx_tails[q];
+            rx::drain_rx(core, q as u16);
+        }
+    }
+    if arq_waiting && arqt != seen.arqt {
+        seen.arqt = arqt;
+        if let Some(aq) = core.aq.get() {
+            let _ = aq.send(AqWork::Arq);
         }
     }
 }

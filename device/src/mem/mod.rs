@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use dirty::PageBitmap;
@@ -73,12 +74,17 @@ struct Region {
 struct RegionLog {
     dirty: PageBitmap,
     ever: Option<PageBitmap>,
+    /// `--dirty-log descriptors`: `dirty` holds the pages derived from descriptors, not the writes.
+    derived: bool,
 }
 
 impl RegionLog {
+    /// A device write.
     #[inline]
     fn mark(&self, addr: u64, len: u64) {
-        self.dirty.mark(addr, len);
+        if !self.derived {
+            self.dirty.mark(addr, len);
+        }
         if let Some(e) = &self.ever {
             e.mark(addr, len);
         }
@@ -91,6 +97,7 @@ struct LogState {
     /// Ranges to log, sorted and disjoint; empty means everything.
     ranges: Vec<(u64, u64)>,
     audit: bool,
+    derived: bool,
     /// Bitmaps of regions unmapped while logging: what the device wrote there is still reported.
     retired: Vec<RegionLog>,
 }
@@ -104,6 +111,7 @@ impl LogState {
         self.covers(iova, size).then(|| RegionLog {
             dirty: PageBitmap::new(iova, size, self.page_size),
             ever: self.audit.then(|| PageBitmap::new(iova, size, self.page_size)),
+            derived: self.derived,
         })
     }
 
@@ -145,6 +153,8 @@ struct Table {
     regions: BTreeMap<u64, Region>,
     transport: Option<Arc<dyn DmaTransport>>,
     log: Option<LogState>,
+    /// `--dirty-log descriptors` (see [`GuestMem::set_derived_log`]).
+    derived: bool,
 }
 
 impl Table {
@@ -191,6 +201,8 @@ fn retire(t: &mut Table, r: Region) {
 #[derive(Clone, Default)]
 pub struct GuestMem {
     table: Arc<RwLock<Table>>,
+    /// Logging is on and reports derived pages: the engines' cheap check before deriving.
+    deriving: Arc<AtomicBool>,
 }
 
 enum Dir<'a> {
@@ -354,7 +366,8 @@ impl GuestMem {
             log::warn!("DMA logging is already on");
             return Err(Errno::EBUSY);
         }
-        let state = LogState { page_size, ranges: sorted, audit, retired: Vec::new() };
+        let state = LogState { page_size, ranges: sorted, audit, derived: t.derived, retired: Vec::new() };
+        self.deriving.store(t.derived, Ordering::Release);
         for (&iova, r) in t.regions.iter_mut() {
             if matches!(r.backing, Backing::Mapped(_)) {
                 r.log = state.new_log(iova, r.size);
@@ -367,10 +380,59 @@ impl GuestMem {
     /// Stops logging and drops every bitmap; false if logging was off.
     pub fn stop_logging(&self) -> bool {
         let mut t = self.wr();
+        self.deriving.store(false, Ordering::Release);
         for r in t.regions.values_mut() {
             r.log = None;
         }
         t.log.take().is_some()
+    }
+
+    /// `--dirty-log descriptors`: from the next DMA_LOGGING_START on, REPORT returns the pages marked with
+    /// [`GuestMem::mark_derived`] (what descriptors let the device write, docs/remap-irq.md) instead of the
+    /// device's writes; the audit still records the writes.
+    pub fn set_derived_log(&self, on: bool) {
+        self.wr().derived = on;
+    }
+
+    /// `--dirty-log descriptors` was chosen.
+    pub fn derived_log(&self) -> bool {
+        self.rd().derived
+    }
+
+    /// Logging is on and reports derived pages.
+    pub fn deriving(&self) -> bool {
+        self.deriving.load(Ordering::Acquire)
+    }
+
+    /// Marks `[addr, addr + len)` as pages the device may write (derived logging; parts outside fd-backed logged
+    /// mappings are ignored).
+    pub fn mark_derived(&self, addr: u64, len: u64) {
+        let t = self.rd();
+        if !t.log.as_ref().is_some_and(|l| l.derived) || len == 0 {
+            return;
+        }
+        let end = addr.saturating_add(len);
+        for (&iova, r) in t.regions.range(..end).rev().take_while(|(&a, r)| a + r.size > addr) {
+            if let Some(l) = &r.log {
+                let a = addr.max(iova);
+                l.dirty.mark(a, end.min(iova + r.size) - a);
+            }
+        }
+    }
+
+    /// Reads fd-backed memory only (no DMA message, so never waits for the client): for code that holds locks the
+    /// protocol thread needs.
+    pub fn read_local(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let t = self.rd();
+        let (iova, r) = t.find(addr).ok_or(MemError::Unmapped(addr))?;
+        let off = addr - iova;
+        let Backing::Mapped(m) = &r.backing else { return Err(MemError::Unmapped(addr)) };
+        if !r.readable || off + buf.len() as u64 > r.size {
+            return Err(MemError::Unmapped(addr));
+        }
+        let s = m.get_slice(off as usize, buf.len()).map_err(|_| MemError::Unmapped(addr))?;
+        s.copy_to(buf);
+        Ok(())
     }
 
     /// The page size logging runs at, if it is on.
