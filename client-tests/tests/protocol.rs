@@ -860,9 +860,9 @@ fn rule_region_or_irq_index_out_of_range_einval() {
         ("REGION_READ 9", cmd::REGION_READ, read_payload(0, 9, 4)),
         ("REGION_READ 0x80000000", cmd::REGION_READ, read_payload(0, 0x8000_0000, 4)),
         ("REGION_WRITE 9", cmd::REGION_WRITE, write_payload(0, 9, 4, &[0; 4])),
-        ("IRQ_INFO 5", cmd::DEVICE_GET_IRQ_INFO, Payload::new().u32(16).u32(0).u32(5).u32(0).build()),
+        ("IRQ_INFO 6", cmd::DEVICE_GET_IRQ_INFO, Payload::new().u32(16).u32(0).u32(6).u32(0).build()),
         ("IRQ_INFO 0xffffffff", cmd::DEVICE_GET_IRQ_INFO, Payload::new().u32(16).u32(0).u32(u32::MAX).u32(0).build()),
-        ("SET_IRQS 5", cmd::DEVICE_SET_IRQS, set_irqs_payload(20, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, 5, 0, 0, &[])),
+        ("SET_IRQS 6", cmd::DEVICE_SET_IRQS, set_irqs_payload(20, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, 6, 0, 0, &[])),
     ];
     for (what, n, p) in &cases {
         expect_err(&mut c, *n, p, &[], EINVAL, what);
