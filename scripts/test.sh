@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every test, from a fresh Debian 12 machine: provisions QEMU 11.1.3 and the two guest kernels (cached under
+# Every test, from a fresh Debian 12 machine: provisions QEMU 11.1.3 and the three guest kernels (cached under
 # build/), builds the workspace, runs unit, protocol, hostile-client and QEMU end-to-end tests, every fuzz target for a
 # bounded time, then the benchmarks in quick mode.
 set -euo pipefail
@@ -25,3 +25,4 @@ step "benchmarks (quick)"
 ./target/release/vfu-bench --quick
 ./target/release/vfu-netbench --quick
 ./target/release/vfu-migbench --quick
+./target/release/vfu-remapbench --quick

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod migtest;
 pub mod netns;
 pub mod refvmm;
 pub mod server;

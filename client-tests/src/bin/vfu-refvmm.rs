@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use client_tests::refvmm::remap::AckPolicy;
 use client_tests::refvmm::{self, Config};
 
 #[derive(Parser, Debug)]
@@ -72,6 +73,16 @@ struct Cli {
     #[arg(long)]
     skip_dirty: bool,
 
+    /// The remap IRQ (docs/remap-irq.md): on = enable it where a server offers it and store doorbells into the
+    /// pages it maps; off = every BAR0 access is a message.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    remap: String,
+
+    /// When a revocation is acknowledged (tests): prompt; delay:MS (keep storing into the old mapping for MS
+    /// first); never (keep the stale mapping and store into it for good, never acknowledge).
+    #[arg(long, value_name = "POLICY", default_value = "prompt", value_parser = |s: &str| s.parse::<AckPolicy>())]
+    remap_ack: AckPolicy,
+
     /// Write the timeline and the verification as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -100,6 +111,8 @@ fn main() -> ExitCode {
     cfg.converge_pages = cli.converge_pages;
     cfg.guest_dirty_rate = cli.guest_dirty_rate;
     cfg.skip_dirty = cli.skip_dirty;
+    cfg.remap = cli.remap == "on";
+    cfg.remap_ack = cli.remap_ack;
     let report = match refvmm::run(&cfg) {
         Ok(r) => r,
         Err(e) => {

@@ -2,11 +2,14 @@
 //! plays the network, and live-migrates the VF between two `vfu-i40evf` servers with vfio-user migration v2 while
 //! traffic flows, then checks that nothing was lost. `docs/refvmm.md` describes it; [`run`] is the whole of it.
 //!
-//! Threads: the orchestrator (the caller of [`run`]), the vCPU ([`vcpu`]), and the wire peer's sender and receiver
-//! ([`wire`]). Guest memory: [`mem`]. The commands: [`proto`].
+//! Threads: the orchestrator (the caller of [`run`]), the vCPU ([`vcpu`]), the wire peer's sender and receiver
+//! ([`wire`]), and per server the remap IRQ's handler ([`remap`]). Guest memory: [`mem`]. The commands: [`proto`].
+//! [`traffic`] runs traffic on one server without migrating (benchmarks, tests).
 
 pub mod mem;
 pub mod proto;
+pub mod remap;
+pub mod traffic;
 pub mod vcpu;
 pub mod wire;
 
@@ -27,6 +30,7 @@ use crate::util::{eventfd, eventfd_take};
 use crate::Client;
 use mem::{GuestRam, PAGE};
 use proto::{state, Result};
+use remap::{AckPolicy, RemapConn, RemapIrqInfo, Signal};
 use vcpu::{Cmd, EthStats, Harvested, Vcpu, VcpuResult, VmmBus};
 use wire::{Wire, WireResult};
 
@@ -38,12 +42,15 @@ const P_SWITCHOVER: usize = 2;
 const P_DESTINATION: usize = 3;
 
 /// Counters kept per phase.
-pub(crate) const C_RX_SENT: usize = 0;
-pub(crate) const C_RX_HARVESTED: usize = 1;
-pub(crate) const C_TX_SENT: usize = 2;
-pub(crate) const C_TX_ARRIVED: usize = 3;
-pub(crate) const C_TX_DONE: usize = 4;
-const NC: usize = 5;
+pub const C_RX_SENT: usize = 0;
+pub const C_RX_HARVESTED: usize = 1;
+pub const C_TX_SENT: usize = 2;
+pub const C_TX_ARRIVED: usize = 3;
+pub const C_TX_DONE: usize = 4;
+/// Doorbell writes (TX and RX tails, ARQT) by the vCPU: stored through a mapping, sent as REGION_WRITE.
+pub const C_DB_MAPPED: usize = 5;
+pub const C_DB_TRAPPED: usize = 6;
+const NC: usize = 7;
 
 /// What the threads share: the phase, per-phase counters, and the traffic and stop switches.
 pub struct Shared {
@@ -56,7 +63,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn new() -> Shared {
+    pub fn new() -> Shared {
         Shared {
             phase: AtomicUsize::new(P_SOURCE),
             counts: Default::default(),
@@ -69,12 +76,18 @@ impl Shared {
         self.counts[self.phase.load(Ordering::SeqCst)][c].fetch_add(1, Ordering::SeqCst);
     }
 
-    pub(crate) fn total(&self, c: usize) -> u64 {
+    pub fn total(&self, c: usize) -> u64 {
         self.counts.iter().map(|p| p[c].load(Ordering::SeqCst)).sum()
     }
 
-    fn get(&self, phase: usize, c: usize) -> u64 {
+    pub(crate) fn get(&self, phase: usize, c: usize) -> u64 {
         self.counts[phase][c].load(Ordering::SeqCst)
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
     }
 }
 
@@ -105,6 +118,10 @@ pub struct Config {
     pub guest_dirty_rate: u64,
     /// Negative control: do not copy device-dirty pages (guest-dirty pages are still copied).
     pub skip_dirty: bool,
+    /// Use the remap IRQ (docs/remap-irq.md) where a server offers it: doorbells through the mapped pages.
+    pub remap: bool,
+    /// When revocations are acknowledged (tests): prompt, delay:MS or never.
+    pub remap_ack: AckPolicy,
 }
 
 impl Config {
@@ -129,6 +146,8 @@ impl Config {
             converge_pages: 0,
             guest_dirty_rate: 2000,
             skip_dirty: false,
+            remap: true,
+            remap_ack: AckPolicy::Prompt,
         }
     }
 }
@@ -170,6 +189,9 @@ pub struct Phase {
     pub tx_arrived: u64,
     /// MSI-X signals on the active server's eventfds.
     pub interrupts: u64,
+    /// The vCPU's doorbell writes (TX and RX tails, ARQT): stores through a mapped page, and REGION_WRITE messages.
+    pub doorbells_mapped: u64,
+    pub doorbells_trapped: u64,
 }
 
 /// The stop-and-copy window.
@@ -245,6 +267,35 @@ pub struct Verification {
     pub failures: Vec<String>,
 }
 
+/// The remap IRQ on one server.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RemapSide {
+    pub irq: Option<RemapIrqInfo>,
+    pub enabled: bool,
+    /// Why it is not used, when it is not.
+    pub note: String,
+}
+
+/// A MIG_DEVICE_STATE change the orchestrator made: the remap signals are placed against these.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateChange {
+    pub side: &'static str,
+    pub state: &'static str,
+    /// When the reply came.
+    pub reply_ms: f64,
+}
+
+/// The remap IRQ during the run (docs/remap-irq.md).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RemapReport {
+    pub source: RemapSide,
+    pub destination: RemapSide,
+    /// Every signal either handler read, in time order.
+    pub signals: Vec<Signal>,
+    pub acks: u64,
+    pub state_changes: Vec<StateChange>,
+}
+
 /// Everything a run produced; serialized as the JSON timeline.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -254,6 +305,7 @@ pub struct Report {
     pub phases: Vec<Phase>,
     pub iterations: Vec<Iteration>,
     pub switchover: Switchover,
+    pub remap: RemapReport,
     pub verification: Verification,
     pub total_ms: f64,
     pub passed: bool,
@@ -310,14 +362,23 @@ impl Drop for Running {
     }
 }
 
-/// One server connection with its memory.
-struct Side {
-    conn: Arc<Mutex<Client>>,
-    ram: Arc<GuestRam>,
+/// One server connection with its memory and, if used, its remap IRQ.
+pub(crate) struct Side {
+    pub conn: Arc<Mutex<Client>>,
+    pub ram: Arc<GuestRam>,
+    pub remap: Option<RemapConn>,
+    pub remap_side: RemapSide,
 }
 
 impl Side {
-    fn connect(path: &std::path::Path, memory: u64, what: &str) -> Result<Side> {
+    pub(crate) fn connect(
+        path: &std::path::Path,
+        memory: u64,
+        what: &'static str,
+        remap: Option<AckPolicy>,
+        shared: &Arc<Shared>,
+        t0: Instant,
+    ) -> Result<Side> {
         let mut c =
             Client::connect(path).map_err(|e| format!("connecting to the {what} at {}: {e}", path.display()))?;
         proto::negotiate(&mut c)?;
@@ -332,11 +393,38 @@ impl Side {
         }
         let ram = Arc::new(GuestRam::new(memory));
         proto::dma_map_fd(&mut c, 0, memory, ram.as_fd())?;
-        Ok(Side { conn: Arc::new(Mutex::new(c)), ram })
+        let conn = Arc::new(Mutex::new(c));
+        let (remap, remap_side) = match remap {
+            None => (None, RemapSide { note: "--remap off".into(), ..Default::default() }),
+            Some(policy) => match remap::attach(what, &conn, policy, shared.clone(), t0)? {
+                Ok(r) => {
+                    let side = RemapSide { irq: Some(r.info), enabled: true, note: String::new() };
+                    (Some(r), side)
+                }
+                Err(note) => (None, RemapSide { note, ..Default::default() }),
+            },
+        };
+        Ok(Side { conn, ram, remap, remap_side })
     }
 
-    fn bus(&self) -> VmmBus {
-        VmmBus { conn: self.conn.clone(), ram: self.ram.clone() }
+    pub(crate) fn bus(&self, shared: &Arc<Shared>) -> VmmBus {
+        VmmBus {
+            conn: self.conn.clone(),
+            ram: self.ram.clone(),
+            fast: self.remap.as_ref().map(|r| r.maps.clone()),
+            shared: shared.clone(),
+        }
+    }
+
+    /// Stops the remap handler; returns what it saw.
+    fn remap_signals(&mut self) -> Vec<Signal> {
+        match &mut self.remap {
+            Some(r) => {
+                r.handler.stop();
+                r.handler.signals()
+            }
+            None => Vec::new(),
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
@@ -402,17 +490,29 @@ pub fn run_with_socket(cfg: &Config, sock: UdpSocket) -> Result<Report> {
     }
     let t0 = Instant::now();
     let at = |t: Instant| ms(t.duration_since(t0));
+    let shared = Arc::new(Shared::new());
 
-    // Both VMs' memory and connections. The destination's memory is mapped now; its device waits in RUNNING
-    // (idle) until it is put in RESUMING.
-    let src = Side::connect(&cfg.source, cfg.memory, "source")?;
-    let dst = Side::connect(&cfg.destination, cfg.memory, "destination")?;
+    // Both VMs' memory and connections, and the remap IRQ on each (its handler maps the fast path whenever the
+    // server offers it). The destination's memory is mapped now; its device waits in RUNNING (idle) until it is
+    // put in RESUMING.
+    let remap = cfg.remap.then_some(cfg.remap_ack);
+    let mut src = Side::connect(&cfg.source, cfg.memory, "source", remap, &shared, t0)?;
+    let mut dst = Side::connect(&cfg.destination, cfg.memory, "destination", remap, &shared, t0)?;
     let src_irqs = src.eventfds()?;
     boot(&src.ram)?;
+    let state_changes: Mutex<Vec<StateChange>> = Mutex::new(Vec::new());
+    let set_state = |side: &Side, who: &'static str, s: u32| -> Result<()> {
+        side.with(|c| proto::set_state(c, s))?;
+        state_changes.lock().unwrap().push(StateChange {
+            side: who,
+            state: state::name(s),
+            reply_ms: at(Instant::now()),
+        });
+        Ok(())
+    };
 
     // The driver brings the VF up on the source.
-    let (driver, mac) = vcpu::bring_up(src.bus())?;
-    let shared = Arc::new(Shared::new());
+    let (driver, mac) = vcpu::bring_up(src.bus(&shared))?;
     let wire = Wire::new(sock, mac, cfg.rate, cfg.source_backend, shared.clone());
     let (cmds, cmd_rx) = mpsc::channel();
     let v = Vcpu::new(driver, mac, shared.clone(), cfg.rate, cfg.guest_dirty_rate);
@@ -439,6 +539,8 @@ pub fn run_with_socket(cfg: &Config, sock: UdpSocket) -> Result<Report> {
             tx_completed: shared.get(p, C_TX_DONE),
             tx_arrived: shared.get(p, C_TX_ARRIVED),
             interrupts: irqs[p],
+            doorbells_mapped: shared.get(p, C_DB_MAPPED),
+            doorbells_trapped: shared.get(p, C_DB_TRAPPED),
         });
         *start = now;
         shared.phase.store(next, Ordering::SeqCst);
@@ -463,9 +565,9 @@ pub fn run_with_socket(cfg: &Config, sock: UdpSocket) -> Result<Report> {
     if page_size != PAGE {
         return Err(format!("DMA logging chose {page_size}-byte pages, asked for {PAGE}"));
     }
-    src.with(|c| proto::set_state(c, state::PRE_COPY))?;
+    set_state(&src, "source", state::PRE_COPY)?;
     let compat = src.with(proto::data_read_all)?;
-    dst.with(|c| proto::set_state(c, state::RESUMING))?;
+    set_state(&dst, "destination", state::RESUMING)?;
     dst.with(|c| proto::data_write_all(c, &compat))
         .map_err(|e| format!("the destination refused the source's compat record (its log says why): {e}"))?;
 
@@ -539,7 +641,7 @@ pub fn run_with_socket(cfg: &Config, sock: UdpSocket) -> Result<Report> {
     running.stop_vcpu()?;
     let vcpu_stopped = Instant::now();
     let t_stop_copy = Instant::now();
-    src.with(|c| proto::set_state(c, state::STOP_COPY))?;
+    set_state(&src, "source", state::STOP_COPY)?;
     sw.stop_copy_ms = ms(t_stop_copy.elapsed());
     let final_it = copy_pass(iterations.len() as u32, "stop-copy", &mut skipped_device)?;
     sw.final_copy_ms = final_it.duration_ms;
@@ -556,24 +658,24 @@ pub fn run_with_socket(cfg: &Config, sock: UdpSocket) -> Result<Report> {
         .map_err(|e| format!("the destination refused the state record: {e}"))?;
     sw.state_transfer_ms = ms(t.elapsed());
     let t = Instant::now();
-    dst.with(|c| proto::set_state(c, state::STOP))
+    set_state(&dst, "destination", state::STOP)
         .map_err(|e| format!("the destination could not load the state (see its log): {e}"))?;
     sw.destination_load_ms = ms(t.elapsed());
     // The network now delivers to the destination: the held frames reach a device that is still stopped.
     sw.held_frames = wire.switch_to(cfg.destination_backend);
     let t = Instant::now();
     let dst_irqs = dst.eventfds()?;
-    dst.with(|c| proto::set_state(c, state::RUNNING))?;
+    set_state(&dst, "destination", state::RUNNING)?;
     let running_at = Instant::now();
     sw.destination_run_ms = ms(t.elapsed());
     sw.downtime_ms = ms(running_at.duration_since(t_stop_copy).saturating_sub(compare));
     irqs[P_SWITCHOVER] = signals(&src_irqs);
     end_phase(&mut phases, &mut phase_start, &irqs, P_DESTINATION);
-    running.order(Cmd::Resume(Some(dst.bus())))?;
+    running.order(Cmd::Resume(Some(dst.bus(&shared))))?;
     sw.vcpu_paused_ms = ms(vcpu_stopped.elapsed().saturating_sub(compare));
     // The source's saving session ends; its device stays stopped.
     src.with(proto::logging_stop)?;
-    src.with(|c| proto::set_state(c, state::STOP))?;
+    set_state(&src, "source", state::STOP)?;
 
     // Phase 4: traffic on the destination, then everything settles.
     if traffic {
@@ -623,6 +725,26 @@ pub fn run_with_socket(cfg: &Config, sock: UdpSocket) -> Result<Report> {
         interrupts_destination: irqs[P_DESTINATION],
         events,
     });
+    let mut verification = verification;
+    let mut signals = src.remap_signals();
+    signals.extend(dst.remap_signals());
+    signals.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+    for (s, side) in signals.iter().map(|s| (s, if s.side == "source" { &src.remap_side } else { &dst.remap_side })) {
+        let allowed = side.irq.map_or(0, |i| i.regions);
+        if s.value & !allowed != 0 {
+            verification.failures.push(format!("remap IRQ: signal {:#x} names regions outside {allowed:#x}", s.value));
+        }
+        if let Some(e) = &s.error {
+            verification.failures.push(format!("remap IRQ: handling signal {:#x} at {} ms: {e}", s.value, s.at_ms));
+        }
+    }
+    let remap = RemapReport {
+        source: src.remap_side.clone(),
+        destination: dst.remap_side.clone(),
+        acks: signals.iter().filter(|s| s.acked_ms.is_some()).count() as u64,
+        signals,
+        state_changes: state_changes.into_inner().unwrap(),
+    };
     let passed = verification.failures.is_empty();
     Ok(Report {
         config: cfg.clone(),
@@ -631,6 +753,7 @@ pub fn run_with_socket(cfg: &Config, sock: UdpSocket) -> Result<Report> {
         phases,
         iterations,
         switchover: sw,
+        remap,
         verification,
         total_ms: ms(t0.elapsed()),
         passed,
@@ -814,12 +937,13 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "\nphase            ms from  ms to   rx sent  rx harvested  tx posted  tx done  tx arrived  irqs"
+            "\nphase            ms from  ms to   rx sent  rx harvested  tx posted  tx done  tx arrived  irqs  \
+             db mapped  db msgs"
         );
         for p in &self.phases {
             let _ = writeln!(
                 o,
-                "{:<14} {:>8.1} {:>7.1} {:>8} {:>13} {:>10} {:>8} {:>11} {:>5}",
+                "{:<14} {:>8.1} {:>7.1} {:>8} {:>13} {:>10} {:>8} {:>11} {:>5} {:>10} {:>8}",
                 p.name,
                 p.start_ms,
                 p.end_ms,
@@ -828,9 +952,12 @@ impl Report {
                 p.tx_posted,
                 p.tx_completed,
                 p.tx_arrived,
-                p.interrupts
+                p.interrupts,
+                p.doorbells_mapped,
+                p.doorbells_trapped
             );
         }
+        self.remap_timeline(&mut o);
         let _ = writeln!(
             o,
             "\niteration  kind        device-dirty  guest-dirty  dirty  skipped  copied pages      bytes  zero pages      ms"
@@ -931,6 +1058,49 @@ impl Report {
             }
         }
         o
+    }
+
+    /// The remap IRQ's part of the timeline: how each server's IRQ was used, every signal, the state changes.
+    fn remap_timeline(&self, o: &mut String) {
+        let r = &self.remap;
+        let side = |s: &RemapSide| match (&s.irq, s.enabled) {
+            (Some(i), true) => format!("index {}, regions {:#x}, enabled", i.index, i.regions),
+            _ => s.note.clone(),
+        };
+        let _ = writeln!(
+            o,
+            "\nremap IRQ (--remap {}, --remap-ack {}): source {}; destination {}",
+            if self.config.remap { "on" } else { "off" },
+            self.config.remap_ack,
+            side(&r.source),
+            side(&r.destination)
+        );
+        if r.signals.is_empty() {
+            return;
+        }
+        let _ = writeln!(o, "signal  side          value  read ms  phase        kind     BAR0 areas after  acked ms");
+        for (i, s) in r.signals.iter().enumerate() {
+            let areas = s.outcome.regions.iter().find(|c| c.region == crate::BAR0).map(|c| c.areas.len());
+            let _ = writeln!(
+                o,
+                "{:>6}  {:<12} {:>6} {:>8.1}  {:<12} {:<8} {:>16}  {}",
+                i,
+                s.side,
+                format!("{:#x}", s.value),
+                s.at_ms,
+                s.phase,
+                s.outcome.kind,
+                areas.map_or("-".to_string(), |n| n.to_string()),
+                match (s.acked_ms, &s.error) {
+                    (_, Some(e)) => format!("error: {e}"),
+                    (Some(a), None) => format!("{a:.1}"),
+                    (None, None) => "not acknowledged".into(),
+                }
+            );
+        }
+        let changes: Vec<String> =
+            r.state_changes.iter().map(|c| format!("{} {} {:.1}", c.side, c.state, c.reply_ms)).collect();
+        let _ = writeln!(o, "MIG_DEVICE_STATE replies (ms): {}", changes.join(", "));
     }
 
     pub fn to_json(&self) -> String {

@@ -11,13 +11,14 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use device::nic::regs::{QRX_TAIL1, QTX_TAIL1, VFINT_DYN_CTLN1};
+use device::nic::regs::{MAX_QUEUES, QRX_TAIL1, QTX_TAIL1, VFINT_DYN_CTLN1, VF_ARQT1};
 use device::nic::virtchnl::{OP_CONFIG_RSS_KEY, OP_GET_STATS, VSI_ID};
 use testkit::{msg_queue_select, Bus, DriverModel};
 
 use super::mem::GuestRam;
+use super::remap::Mappings;
 use super::wire::{frame, parse, PEER_MAC, RX_MAGIC, TX_MAGIC};
-use super::{Shared, C_RX_HARVESTED, C_TX_DONE, C_TX_SENT};
+use super::{Shared, C_DB_MAPPED, C_DB_TRAPPED, C_RX_HARVESTED, C_TX_DONE, C_TX_SENT};
 use crate::reg::DYN_INTENA;
 use crate::{Client, BAR0};
 
@@ -54,19 +55,41 @@ fn tx_buf(q: u16, slot: u32) -> u64 {
     TX_BUFS + (u64::from(q) * u64::from(RING_LEN) + u64::from(slot)) * TX_BUF
 }
 
-/// BAR0 through a vfio-user connection, memory through the VMM's memfd (writes tracked as guest-dirty).
+/// BAR0 through a vfio-user connection, memory through the VMM's memfd (writes tracked as guest-dirty). BAR0
+/// offsets inside an area the remap handler has mapped are plain loads and stores into that mapping, as a guest's
+/// accesses to a KVM memory slot would be; everything else is a REGION_READ/REGION_WRITE message.
 #[derive(Clone)]
 pub struct VmmBus {
     pub conn: Arc<Mutex<Client>>,
     pub ram: Arc<GuestRam>,
+    /// BAR0's fast path (None: the remap IRQ is not used).
+    pub fast: Option<Arc<Mappings>>,
+    /// Where doorbell writes are counted, per phase.
+    pub shared: Arc<Shared>,
+}
+
+/// A doorbell: a TX or RX tail, or the ARQ tail.
+pub fn is_doorbell(off: u64) -> bool {
+    (QTX_TAIL1..QTX_TAIL1 + 4 * MAX_QUEUES).contains(&off)
+        || (QRX_TAIL1..QRX_TAIL1 + 4 * MAX_QUEUES).contains(&off)
+        || off == VF_ARQT1
 }
 
 impl Bus for VmmBus {
     fn read32(&mut self, off: u64) -> u32 {
+        if let Some(v) = self.fast.as_ref().and_then(|m| m.load32(BAR0, off)) {
+            return v;
+        }
         self.conn.lock().unwrap().read32(BAR0, off)
     }
     fn write32(&mut self, off: u64, v: u32) {
-        self.conn.lock().unwrap().write32(BAR0, off, v)
+        let mapped = self.fast.as_ref().is_some_and(|m| m.store32(BAR0, off, v));
+        if !mapped {
+            self.conn.lock().unwrap().write32(BAR0, off, v);
+        }
+        if is_doorbell(off) {
+            self.shared.count(if mapped { C_DB_MAPPED } else { C_DB_TRAPPED });
+        }
     }
     fn config_write16(&mut self, off: u64, v: u16) {
         self.conn.lock().unwrap().region_write(crate::CONFIG, off, &v.to_le_bytes()).ok("config write");
@@ -235,6 +258,10 @@ pub struct Vcpu {
     rng: u64,
     rx: Vec<Harvested>,
     rx_foreign: u64,
+    /// Sleep between polls (a NAPI-ish cadence); zero: busy polling.
+    pub poll_sleep: Duration,
+    /// Frames posted per TX tail write, at most (the tail is written at the end of each pass in any case).
+    pub tx_batch: u32,
 }
 
 impl Vcpu {
@@ -260,6 +287,8 @@ impl Vcpu {
             rng: 0x9e37_79b9_7f4a_7c15,
             rx: Vec::new(),
             rx_foreign: 0,
+            poll_sleep: Duration::from_micros(500),
+            tx_batch: u32::MAX,
         }
     }
 
@@ -304,7 +333,11 @@ impl Vcpu {
             if worked > 0 {
                 self.d.bus.write32(VFINT_DYN_CTLN1, DYN_INTENA); // re-arm, as after a NAPI poll
             }
-            std::thread::sleep(Duration::from_micros(500));
+            if self.poll_sleep.is_zero() {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(self.poll_sleep);
+            }
         }
     }
 
@@ -399,8 +432,9 @@ impl Vcpu {
             self.tx_base = (Instant::now(), self.tx_seq);
             return;
         }
-        let due = u64::from(self.tx_base.1) + self.tx_base.0.elapsed().as_micros() as u64 * self.rate / 1_000_000;
-        let mut bumped = [false; PAIRS as usize];
+        let since = self.tx_base.0.elapsed().as_micros() * u128::from(self.rate) / 1_000_000;
+        let due = u64::from(self.tx_base.1).saturating_add(since.min(u128::from(u64::MAX)) as u64);
+        let mut bumped = [0u32; PAIRS as usize];
         while u64::from(self.tx_seq) < due {
             let q = (self.tx_seq % u32::from(PAIRS)) as u16;
             let qi = q as usize;
@@ -418,11 +452,15 @@ impl Vcpu {
             self.d.bus.mem_write(tx_ring(q) + TX_DESC * u64::from(i), &desc);
             self.tx_ntu[qi] = (i + 1) % RING_LEN;
             self.tx_seq += 1;
-            bumped[qi] = true;
+            bumped[qi] += 1;
             self.shared.count(C_TX_SENT);
+            if bumped[qi] >= self.tx_batch {
+                self.d.bus.write32(QTX_TAIL1 + 4 * u64::from(q), self.tx_ntu[qi]);
+                bumped[qi] = 0;
+            }
         }
         for q in 0..PAIRS {
-            if bumped[q as usize] {
+            if bumped[q as usize] > 0 {
                 self.d.bus.write32(QTX_TAIL1 + 4 * u64::from(q), self.tx_ntu[q as usize]);
             }
         }

@@ -55,6 +55,10 @@ struct Target {
     /// Rate schedule: `base_seq + rate * (now - base)` frames are due.
     base: Instant,
     base_seq: u32,
+    /// Window mode: the harvest count last seen and when it moved, frames given up as lost.
+    win_seen: u64,
+    win_at: Instant,
+    win_lost: u64,
 }
 
 /// A TX frame that arrived at W.
@@ -81,10 +85,12 @@ pub struct WireResult {
 pub struct Wire {
     sock: UdpSocket,
     vf_mac: [u8; 6],
-    rate: u64,
+    rate: AtomicU64,
     target: Mutex<Target>,
     send_errors: AtomicU64,
     shared: Arc<Shared>,
+    /// Closed loop instead of a rate: at most this many frames sent and not yet harvested (0: use the rate).
+    window: AtomicU64,
 }
 
 impl Wire {
@@ -92,17 +98,31 @@ impl Wire {
         Arc::new(Wire {
             sock,
             vf_mac,
-            rate,
+            rate: AtomicU64::new(rate),
             target: Mutex::new(Target {
                 to: Some(to),
                 held: VecDeque::new(),
                 next_seq: 0,
                 base: Instant::now(),
                 base_seq: 0,
+                win_seen: 0,
+                win_at: Instant::now(),
+                win_lost: 0,
             }),
             send_errors: AtomicU64::new(0),
             shared,
+            window: AtomicU64::new(0),
         })
+    }
+
+    /// Frames per second from now on (0: none).
+    pub fn set_rate(&self, rate: u64) {
+        self.rate.store(rate, Ordering::SeqCst);
+    }
+
+    /// RX as fast as the guest takes it: keep `frames` sent and not yet harvested (0: back to the rate).
+    pub fn set_window(&self, frames: u64) {
+        self.window.store(frames, Ordering::SeqCst);
     }
 
     /// Sends frame `seq`; only a frame the kernel took counts as sent (what it then drops at the receiving
@@ -144,9 +164,30 @@ impl Wire {
             {
                 let mut t = self.target.lock().unwrap();
                 let full = t.to.is_none() && t.held.len() >= HOLD_CAP;
-                let on = self.shared.traffic.load(Ordering::SeqCst) && self.rate > 0 && !full;
-                if on {
-                    let due = u64::from(t.base_seq) + (t.base.elapsed().as_micros() as u64) * self.rate / 1_000_000;
+                let rate = self.rate.load(Ordering::SeqCst);
+                let on = self.shared.traffic.load(Ordering::SeqCst) && rate > 0 && !full;
+                let window = self.window.load(Ordering::SeqCst);
+                if on && window > 0 {
+                    let harvested = self.shared.total(super::C_RX_HARVESTED);
+                    if harvested != t.win_seen {
+                        t.win_seen = harvested;
+                        t.win_at = Instant::now();
+                    }
+                    // A frame the device dropped is never harvested: after 20 ms without progress, start afresh.
+                    if t.win_at.elapsed() > Duration::from_millis(20) {
+                        t.win_lost = self.sent().saturating_sub(harvested);
+                        t.win_at = Instant::now();
+                    }
+                    let limit = harvested + t.win_lost + window;
+                    for _ in 0..window {
+                        let Some(to) = t.to.filter(|_| self.sent() < limit) else { break };
+                        let seq = t.next_seq;
+                        t.next_seq += 1;
+                        self.send(to, seq);
+                    }
+                } else if on {
+                    let due =
+                        u64::from(t.base_seq) + (t.base.elapsed().as_micros() as u64).saturating_mul(rate) / 1_000_000;
                     while u64::from(t.next_seq) < due {
                         let seq = t.next_seq;
                         t.next_seq += 1;
@@ -164,7 +205,8 @@ impl Wire {
                     t.base_seq = t.next_seq;
                 }
             }
-            std::thread::sleep(Duration::from_micros(500));
+            let window = self.window.load(Ordering::SeqCst) > 0;
+            std::thread::sleep(Duration::from_micros(if window { 50 } else { 500 }));
         }
     }
 

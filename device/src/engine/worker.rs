@@ -91,6 +91,10 @@ fn datapath(core: &Core, rx: Receiver<DpWork>) {
             }
         };
         if let Some(w) = w {
+            // Stores made before the pause was asked for are work the device finishes before it stops.
+            if matches!(w, DpWork::Pause) && (mapped || was_mapped) {
+                scan(core, &mut seen);
+            }
             if !handle(core, w) {
                 return;
             }
@@ -140,13 +144,15 @@ fn scan(core: &Core, seen: &mut Seen) {
         (st.nic.pf.tx_enabled, rx_waiting, st.reg(VF_ARQT1), !st.nic.arq.is_empty(), tx_tails, rx_tails)
     };
     for q in 0..MAX_QUEUES as usize {
+        // The engines follow the tail past what this look saw: remember where they stopped (the head), or a tail
+        // that comes round to the value seen here a ring later would pass for unchanged.
         if tx_enabled & (1 << q) != 0 && tx_tails[q] != seen.tx[q] {
-            seen.tx[q] = tx_tails[q];
             tx::process_tx(core, q as u16);
+            seen.tx[q] = core.lock().nic.queues[q].tx_head;
         }
         if rx_waiting & (1 << q) != 0 && rx_tails[q] != seen.rx[q] {
-            seen.rx[q] = rx_tails[q];
             rx::drain_rx(core, q as u16);
+            seen.rx[q] = core.lock().nic.queues[q].rx_head;
         }
     }
     if arq_waiting && arqt != seen.arqt {
