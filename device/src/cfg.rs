@@ -1,7 +1,12 @@
 //! What the user chose on the command line: the device's fixed configuration. It is not state: a destination is
 //! configured the same way and checks the saved state against it.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use crate::event::Events;
+use crate::fault::Faults;
 
 use crate::nic::adminq::ARQ_BACKLOG;
 use crate::nic::virtchnl::LinkSpeed;
@@ -43,6 +48,10 @@ pub struct VfConfig {
     pub doorbells: Doorbells,
     /// PF -> VF messages held while the driver posts no ARQ buffers; past this the oldest is dropped.
     pub max_arq_queued: usize,
+    /// Fault injection (docs/faults.md), shared with the server and the control socket.
+    pub faults: Arc<Faults>,
+    /// Where the device reports link changes, resets and malicious-driver detection.
+    pub events: Arc<Events>,
 }
 
 impl Default for VfConfig {
@@ -54,6 +63,8 @@ impl Default for VfConfig {
             link_speed: LinkSpeed(10000),
             doorbells: Doorbells::Remap,
             max_arq_queued: ARQ_BACKLOG,
+            faults: Arc::default(),
+            events: Arc::default(),
         }
     }
 }

@@ -381,6 +381,8 @@ pub(crate) enum AqWork {
     Arq,
     /// The PF resets the VF on its own (RESET_IMPENDING first).
     PfReset,
+    /// The PF reports the link up or down (a LINK_CHANGE event if it changed); `cause` is for the log and events.
+    SetLink { up: bool, cause: &'static str },
     /// Park until resumed.
     Pause,
     /// The device is being dropped. (Channel disconnection cannot signal it: reset handles keep senders.)

@@ -14,6 +14,8 @@
 mod cfg;
 mod core;
 mod engine;
+pub mod event;
+pub mod fault;
 pub mod mem;
 mod net;
 pub mod nic;

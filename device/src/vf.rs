@@ -17,6 +17,8 @@ use crate::core::{AqWork, Core, DpWork};
 use crate::engine::derive::{self, Ring};
 use crate::engine::port::RxPort;
 use crate::engine::worker::{self, Workers};
+use crate::event::Events;
+use crate::fault::Faults;
 use crate::mem::doorbell::{DoorbellPages, DOORBELL_PAGES, PAGE};
 use crate::mem::GuestMem;
 use crate::net::FrameSink;
@@ -95,6 +97,26 @@ impl I40eVf {
     /// A VF reset the PF starts on its own: the driver gets RESET_IMPENDING, then the reset happens.
     pub fn pf_reset(&self) {
         let _ = self.workers.aq.send(AqWork::PfReset);
+    }
+
+    /// The PF reports the link up or down to the driver (a LINK_CHANGE event when it changes).
+    pub fn set_link(&self, up: bool) {
+        let _ = self.workers.aq.send(AqWork::SetLink { up, cause: "set by the control socket" });
+    }
+
+    /// The link state the PF reports.
+    pub fn link_up(&self) -> bool {
+        self.core.lock().nic.pf.link_up
+    }
+
+    /// The faults set on this device (shared with whoever built its [`VfConfig`]).
+    pub fn faults(&self) -> Arc<Faults> {
+        self.core.cfg.faults.clone()
+    }
+
+    /// Where the device reports its events.
+    pub fn events(&self) -> Arc<Events> {
+        self.core.cfg.events.clone()
     }
 
     /// A handle that starts [`I40eVf::pf_reset`] from another thread.

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use device::fault::{Fault, Faults};
 use device::mem::GuestMem;
 use device::nic::virtchnl::LinkSpeed;
 use device::{Doorbells, I40eVf, VfConfig};
@@ -94,6 +95,17 @@ struct Cli {
     #[arg(long, value_name = "MODE", default_value = "exact", value_parser = ["exact", "descriptors"])]
     dirty_log: String,
 
+    /// Inject a fault (repeatable): NAME or NAME=ARG. reset-stuck, reset-slow=MS, aq-drop=N, aq-error=OP,
+    /// link-down, link-flap=MS, tx-hang, rx-drop=PERCENT, irq-drop=PERCENT, dma-error, slow-mmio=US,
+    /// mig-fail=STATE, mig-corrupt, dirty-miss=N, disconnect-after=N. See docs/faults.md.
+    #[arg(long = "fault", value_name = "NAME[=ARG]", value_parser = Fault::parse)]
+    faults: Vec<Fault>,
+
+    /// Seed of the random decisions of faults (rx-drop, irq-drop): the same seed, the same drops. Default: from
+    /// the clock, logged.
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -148,7 +160,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> std::io::Result<()> {
     let signals = sys::signal_pipe()?;
+    let seed = cli.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    });
+    let faults = std::sync::Arc::new(Faults::new(seed));
+    for f in &cli.faults {
+        faults.set(*f);
+    }
+    if !cli.faults.is_empty() {
+        log::warn!(
+            "fault injection: {} (seed {seed})",
+            faults.list().iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
     let mut cfg = VfConfig {
+        faults: faults.clone(),
         queue_pairs: cli.queues,
         link_speed: LinkSpeed(cli.link_speed),
         doorbells: match cli.doorbells.as_str() {

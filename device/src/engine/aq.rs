@@ -10,6 +10,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::core::{AqWork, Core};
 use crate::engine::derive;
+use crate::event::Event;
 use crate::nic::adminq::*;
 use crate::nic::regs::*;
 use crate::nic::virtchnl::{self, After, Pf};
@@ -39,6 +40,7 @@ pub(crate) fn worker(core: &Core, rx: Receiver<AqWork>) {
             Ok(AqWork::Atq) => process_atq(core),
             Ok(AqWork::Arq) => deliver_arq(core),
             Ok(AqWork::PfReset) => pf_initiated_reset(core),
+            Ok(AqWork::SetLink { up, cause }) => set_link(core, up, cause),
             Ok(AqWork::Pause) => {
                 core.pause.park();
                 next_step = None; // a phase restarts its time after a pause (or a restore)
@@ -299,6 +301,24 @@ fn advance_reset(core: &Core) {
 }
 
 /// A reset the PF starts: warn the driver with RESET_IMPENDING; the reset follows after the warning period.
+/// The PF changes the link state it reports: a LINK_CHANGE event to the driver and to the control clients, when
+/// it changed.
+pub(crate) fn set_link(core: &Core, up: bool, cause: &'static str) {
+    let speed = {
+        let mut st = core.lock();
+        if st.nic.pf.link_up == up {
+            return;
+        }
+        st.nic.pf.link_up = up;
+        let ev = st.nic.pf.link_event(up);
+        st.post(virtchnl::OP_EVENT, 0, ev);
+        st.nic.pf.link_speed.0
+    };
+    log::info!("link {} ({cause})", if up { "up" } else { "down" });
+    core.cfg.events.emit(Event::LinkChange { up, speed_mbps: speed, cause: cause.into() });
+    deliver_arq(core);
+}
+
 fn pf_initiated_reset(core: &Core) {
     log::info!("PF-initiated VF reset: sending RESET_IMPENDING");
     {
