@@ -404,7 +404,7 @@ impl Faults {
         if let Some(Fault::AqDrop(n)) = self.get(Fault::AqDrop(0)) {
             let mut g = self.lock();
             g.aq_replies += 1;
-            if g.aq_replies % u64::from(n) == 0 {
+            if g.aq_replies.is_multiple_of(u64::from(n)) {
                 g.fired[Fault::AqDrop(0).index()] += 1;
                 return AqVerdict::Drop;
             }
@@ -515,7 +515,7 @@ impl Faults {
         let Some(Fault::DirtyMiss(n)) = self.get(Fault::DirtyMiss(0)) else { return false };
         let mut g = self.lock();
         g.dirty_pages += 1;
-        if g.dirty_pages % u64::from(n) == 0 {
+        if g.dirty_pages.is_multiple_of(u64::from(n)) {
             g.fired[Fault::DirtyMiss(0).index()] += 1;
             return true;
         }
