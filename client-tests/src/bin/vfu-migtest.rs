@@ -68,6 +68,13 @@ struct RunArgs {
     /// Extra argument for both servers; repeat it (e.g. --server-arg=--queues --server-arg=2).
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     server_args: Vec<String>,
+    /// A fault for both servers (docs/faults.md), e.g. --fault rx-drop=5; repeat it. Same as
+    /// --server-arg=--fault --server-arg=SPEC.
+    #[arg(long = "fault", value_name = "NAME[=ARG]")]
+    faults: Vec<String>,
+    /// --seed for both servers' fault decisions.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Record frames: the servers' to WORK_DIR/server-{src,dst}.pcap, the virtio-nets' (QEMU filter-dump) to
     /// WORK_DIR/standby-{source,destination}.pcap; the logs are kept.
     #[arg(long)]
@@ -204,7 +211,16 @@ fn run(a: RunArgs) -> ExitCode {
         qemu: a.qemu,
         guest_dir: a.guest_dir,
         server: a.server,
-        server_args: a.server_args,
+        server_args: {
+            let mut v = a.server_args.clone();
+            for f in &a.faults {
+                v.extend(["--fault".to_string(), f.clone()]);
+            }
+            if let Some(s) = a.seed {
+                v.extend(["--seed".to_string(), s.to_string()]);
+            }
+            v
+        },
         pcap: a.pcap,
         guest_script: a.guest_script,
         mem_mib: a.mem,
