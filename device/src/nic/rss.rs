@@ -51,15 +51,19 @@ pub fn hena_bit(t: HashType) -> u32 {
 /// first, XOR in the 32 key bits starting at that bit's position. A key shorter than `input.len() + 4` bytes is
 /// treated as if padded with zero bits (the i40e VF key is 52 bytes, enough for the 36-byte IPv6 TCP input).
 pub fn toeplitz(key: &[u8], input: &[u8]) -> u32 {
-    let key_bit = |i: usize| -> u32 { key.get(i / 8).map_or(0, |b| u32::from(b >> (7 - i % 8)) & 1) };
-    let mut window = (0..32).fold(0u32, |w, i| (w << 1) | key_bit(i));
+    // A byte at input position n sees the key bits [8n, 8n + 40): load them once as a 40-bit word and shift per
+    // input bit, instead of gathering 32 key bits one by one (this was a fifth of the datapath's CPU at 64 B).
+    let k = |i: usize| u64::from(key.get(i).copied().unwrap_or(0));
     let mut hash = 0;
-    for (n, byte) in input.iter().enumerate() {
+    for (n, &byte) in input.iter().enumerate() {
+        if byte == 0 {
+            continue;
+        }
+        let w = (k(n) << 32) | (k(n + 1) << 24) | (k(n + 2) << 16) | (k(n + 3) << 8) | k(n + 4);
         for bit in 0..8 {
             if byte & (0x80 >> bit) != 0 {
-                hash ^= window;
+                hash ^= (w >> (8 - bit)) as u32;
             }
-            window = (window << 1) | key_bit(32 + n * 8 + bit);
         }
     }
     hash
@@ -143,6 +147,40 @@ mod tests {
 
     fn spec(src: Vec<u8>, sport: u16, dst: Vec<u8>, dport: u16, v6: bool, proto: u8) -> Spec {
         Spec { v6, proto, src, dst, sport, dport, ..Spec::default() }
+    }
+
+    /// The definition, one key bit at a time.
+    fn toeplitz_by_bits(key: &[u8], input: &[u8]) -> u32 {
+        let key_bit = |i: usize| -> u32 { key.get(i / 8).map_or(0, |b| u32::from(b >> (7 - i % 8)) & 1) };
+        let mut window = (0..32).fold(0u32, |w, i| (w << 1) | key_bit(i));
+        let mut hash = 0;
+        for (n, byte) in input.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (0x80 >> bit) != 0 {
+                    hash ^= window;
+                }
+                window = (window << 1) | key_bit(32 + n * 8 + bit);
+            }
+        }
+        hash
+    }
+
+    #[test]
+    fn the_word_at_a_time_hash_is_the_definition_for_any_key_length() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        };
+        for klen in 0..60 {
+            for ilen in [0, 1, 4, 8, 12, 36, 40, 56] {
+                let key: Vec<u8> = (0..klen).map(|_| next()).collect();
+                let input: Vec<u8> = (0..ilen).map(|_| next()).collect();
+                assert_eq!(toeplitz(&key, &input), toeplitz_by_bits(&key, &input), "key {klen} input {ilen}");
+            }
+        }
     }
 
     #[test]
