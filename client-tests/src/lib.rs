@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod control;
 pub mod migtest;
 pub mod netns;
 pub mod refvmm;

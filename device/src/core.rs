@@ -12,8 +12,10 @@ use crossbeam_channel::Sender;
 
 use crate::cfg::{Doorbells, VfConfig};
 use crate::engine::derive::Observed;
+use crate::event::Event;
+use crate::fault::Faults;
 use crate::mem::doorbell::DoorbellPages;
-use crate::mem::GuestMem;
+use crate::mem::{GuestMem, MemError};
 use crate::net::{FrameSink, NoSink};
 use crate::nic::regs::*;
 use crate::nic::virtchnl::Pf;
@@ -42,14 +44,23 @@ pub(crate) struct Dev {
     pub generation: u64,
     /// `--dirty-log descriptors`: the tails the engines last acted on.
     pub observed: Observed,
+    /// What started the reset under way ("vf", "pf", "flr", "device"), for its Reset "done" event; not state.
+    pub reset_kind: Option<&'static str>,
+    /// The faults (irq-drop hooks [`Dev::raise`]; link-down holds the link down across resets).
+    faults: Arc<Faults>,
+    events: Arc<crate::event::Events>,
     arq_max: usize,
 }
 
 fn power_on_nic(cfg: &VfConfig) -> NicState {
     let n = cfg.msix_vectors();
+    let mut pf = Pf::new(cfg.mac, cfg.queue_pairs, n, cfg.link_speed);
+    if cfg.faults.link_down() {
+        pf.link_up = false; // link-down: the PF reports the link down from the start
+    }
     NicState {
         regs: RegFile::power_on(),
-        pf: Pf::new(cfg.mac, cfg.queue_pairs, n, cfg.link_speed),
+        pf,
         vectors: vec![VectorState::default(); n as usize],
         arq: VecDeque::new(),
         queues: vec![QueueState::default(); cfg.queue_pairs as usize],
@@ -75,6 +86,9 @@ impl Dev {
             remap: Remap::new(regions, cfg.doorbells == Doorbells::Mmap),
             generation: 0,
             observed: Observed::default(),
+            reset_kind: None,
+            faults: cfg.faults.clone(),
+            events: cfg.events.clone(),
             arq_max: cfg.max_arq_queued.max(1),
         }
     }
@@ -93,6 +107,37 @@ impl Dev {
         self.doorbells.clear();
         self.observed = Observed::default();
         self.generation += 1;
+    }
+
+    /// After an FLR or DEVICE_RESET ([`Dev::reset`], which is instant): reports the reset (`kind` "flr" or
+    /// "device") and, for an FLR while reset-stuck or reset-slow is set, holds RSTAT at INPROGRESS for the admin
+    /// queue worker to finish like a VF reset. A DEVICE_RESET (a new client, a VMM's reset) is a power-on and is
+    /// never held: the guest could not even probe the VF. True when the worker must be poked
+    /// (see [`Core::poke_aq`]).
+    pub fn reset_done_or_held(&mut self, kind: &'static str) -> bool {
+        self.events.emit(Event::Reset { kind: kind.into(), phase: "start".into() });
+        if kind == "flr" && (self.faults.is_set("reset-stuck") || self.faults.is_set("reset-slow")) {
+            log::info!("{kind} reset: held in progress by a reset fault");
+            self.nic.regs.set(VFGEN_RSTAT, RSTAT_INPROGRESS);
+            self.nic.reset = ResetPhase::InProgress;
+            self.reset_kind = Some(kind);
+            return true;
+        }
+        self.reset_kind = None;
+        self.events.emit(Event::Reset { kind: kind.into(), phase: "done".into() });
+        false
+    }
+
+    /// A reset starts (RESET_VF from the driver, "vf", or the PF's own, "pf"): its Reset "start" event.
+    pub fn reset_started(&mut self, kind: &'static str) {
+        self.reset_kind = Some(kind);
+        self.events.emit(Event::Reset { kind: kind.into(), phase: "start".into() });
+    }
+
+    /// The reset under way finished (RSTAT reads VFACTIVE): its Reset "done" event.
+    pub fn reset_finished(&mut self) {
+        let kind = self.reset_kind.take().unwrap_or("vf");
+        self.events.emit(Event::Reset { kind: kind.into(), phase: "done".into() });
     }
 
     /// VF reset (RESET_VF or PF-initiated): registers, admin queue, queues, filters, IRQ map and RSS are
@@ -130,6 +175,11 @@ impl Dev {
         if vs.intena {
             vs.intena = false;
             vs.pending = false;
+            if self.faults.drop_irq() {
+                // irq-drop: lost on the way, as a lost MSI is: not pending, and the vector stays auto-masked.
+                log::debug!("irq-drop fault: MSI-X vector {v} not signalled");
+                return;
+            }
             self.irq.fire(v);
         } else {
             vs.pending = true;
@@ -383,6 +433,9 @@ pub(crate) enum AqWork {
     PfReset,
     /// The PF reports the link up or down (a LINK_CHANGE event if it changed); `cause` is for the log and events.
     SetLink { up: bool, cause: &'static str },
+    /// A fault was set or cleared (or an FLR is held by a reset fault): apply link-down and link-flap now, and look
+    /// at the reset phase again.
+    FaultsChanged,
     /// Park until resumed.
     Pause,
     /// The device is being dropped. (Channel disconnection cannot signal it: reset handles keep senders.)
@@ -421,6 +474,8 @@ pub(crate) struct Core {
     pub polling: AtomicBool,
     /// Tail writes that arrived as messages (see [`crate::Stats::trapped_doorbells`]).
     pub trapped_doorbells: AtomicU64,
+    /// A dma-error fault failed an engine's guest-memory access and the error has not been reported yet.
+    pub injected_dma: AtomicBool,
 }
 
 impl Core {
@@ -436,6 +491,7 @@ impl Core {
             aq: OnceLock::new(),
             polling: AtomicBool::new(false),
             trapped_doorbells: AtomicU64::new(0),
+            injected_dma: AtomicBool::new(false),
         }
     }
 
@@ -456,6 +512,49 @@ impl Core {
             if Kicks::arm(flags, q) {
                 let _ = dp.send(w);
             }
+        }
+    }
+
+    /// An engine's guest-memory read: fails as if `addr` were unmapped when a dma-error fault fires.
+    pub fn dma_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.dma_fault(addr)?;
+        self.mem.read(addr, buf)
+    }
+
+    /// An engine's guest-memory write: fails as if `addr` were unmapped when a dma-error fault fires.
+    pub fn dma_write(&self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        self.dma_fault(addr)?;
+        self.mem.write(addr, data)
+    }
+
+    /// dma-error: one atomic load unless set; when it fires, the access fails and the failure is remembered so
+    /// that the engine's error path ([`Core::malicious_driver`]) has the PF reset the VF.
+    fn dma_fault(&self, addr: u64) -> Result<(), MemError> {
+        if self.cfg.faults.take_dma_error() {
+            log::error!("dma-error fault: the device's access to {addr:#x} fails");
+            self.injected_dma.store(true, Ordering::SeqCst);
+            return Err(MemError::Unmapped(addr));
+        }
+        Ok(())
+    }
+
+    /// An engine shut a queue or ring down (malicious driver detection): the MALICIOUS_DRIVER event, and when the
+    /// failure was a dma-error fault, the PF resets the VF (RESET_IMPENDING first), as the i40e PF does on an MDD
+    /// event. Call without the device lock.
+    pub fn malicious_driver(&self, queue: Option<u16>, reason: String) {
+        self.cfg.events.emit(Event::MaliciousDriver { queue, reason });
+        if self.injected_dma.swap(false, Ordering::SeqCst) {
+            log::error!("PF: malicious driver detection on the VF (dma-error fault): resetting the VF");
+            if let Some(aq) = self.aq.get() {
+                let _ = aq.send(AqWork::PfReset);
+            }
+        }
+    }
+
+    /// Wakes the admin queue worker so it looks at the reset phase and the faults again.
+    pub fn poke_aq(&self) {
+        if let Some(aq) = self.aq.get() {
+            let _ = aq.send(AqWork::FaultsChanged);
         }
     }
 

@@ -370,6 +370,15 @@ impl Faults {
 
     // ---- hooks: each answers one question at the place the fault acts ----
 
+    /// Whether the fault named `name` is set, without counting it as fired: for a hook that re-checks a fault it
+    /// already acted on (a reset held by reset-stuck). One atomic load.
+    pub fn is_set(&self, name: &str) -> bool {
+        FAULTS
+            .iter()
+            .position(|(n, _, _)| *n == name)
+            .is_some_and(|i| self.active.load(Ordering::Relaxed) & (1 << i) != 0)
+    }
+
     /// reset-stuck: the VF reset in progress must never finish.
     pub fn reset_stuck(&self) -> bool {
         let on = self.get(Fault::ResetStuck).is_some();
@@ -400,6 +409,10 @@ impl Faults {
                 self.count(Fault::AqError(0));
                 return AqVerdict::Error;
             }
+        }
+        // RESET_VF gets no reply: nothing to drop, and it does not count.
+        if op == OP_RESET_VF {
+            return AqVerdict::Deliver;
         }
         if let Some(Fault::AqDrop(n)) = self.get(Fault::AqDrop(0)) {
             let mut g = self.lock();
@@ -508,6 +521,12 @@ impl Faults {
     /// Counts one corrupted chunk.
     pub fn mig_corrupt_fired(&self) {
         self.count(Fault::MigCorrupt);
+    }
+
+    /// dirty-miss is set: the dirty log's hot path looks at this (one relaxed atomic load) before going page by page.
+    #[inline]
+    pub fn dirty_miss_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed) & Fault::DirtyMiss(0).bit() != 0
     }
 
     /// dirty-miss: leave this newly written page out of the dirty log (every Nth page the device marks).

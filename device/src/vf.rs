@@ -109,6 +109,26 @@ impl I40eVf {
         self.core.lock().nic.pf.link_up
     }
 
+    /// Tells the device that faults were set or cleared at run time ([`Faults::set`], [`Faults::clear`]): link-down
+    /// and link-flap take effect at once (a LINK_CHANGE event to the driver), and a reset held by reset-stuck goes
+    /// on once that fault is cleared. Faults that act where they hook (tx-hang, rx-drop, ...) need no call.
+    pub fn faults_changed(&self) {
+        let _ = self.workers.aq.send(AqWork::FaultsChanged);
+    }
+
+    /// FLR or DEVICE_RESET: back to power-on; reset-stuck / reset-slow hold RSTAT at INPROGRESS for the admin queue
+    /// worker to finish.
+    fn full_reset(&self, kind: &'static str) {
+        let held = {
+            let mut st = self.core.lock();
+            st.reset(&self.core.cfg);
+            st.reset_done_or_held(kind)
+        };
+        if held {
+            self.core.poke_aq();
+        }
+    }
+
     /// The faults set on this device (shared with whoever built its [`VfConfig`]).
     pub fn faults(&self) -> Arc<Faults> {
         self.core.cfg.faults.clone()
@@ -203,7 +223,7 @@ impl I40eVf {
         };
         if flr {
             log::info!("function level reset requested while paused: carried out now");
-            self.core.lock().reset(&self.core.cfg);
+            self.full_reset("flr");
         }
         if !writes.is_empty() {
             log::info!("applying {} BAR0 writes held while paused", writes.len());
@@ -417,6 +437,7 @@ impl I40eVf {
         }
         let kick = cmd & bme != 0 && old_cmd & bme == 0 && !self.core.pause.requested();
         let devctl = st.config.u16(pci::config::PCIE_DEVCTL);
+        let mut held = false;
         if devctl & pci::config::PCIE_DEVCTL_FLR != 0 {
             if self.core.pause.requested() {
                 // Writes held before it would be wiped by it; those after it still apply.
@@ -428,9 +449,13 @@ impl I40eVf {
             } else {
                 log::info!("function level reset requested through PCIe Device Control");
                 st.reset(&self.core.cfg);
+                held = st.reset_done_or_held("flr");
             }
         }
         drop(st);
+        if held {
+            self.core.poke_aq();
+        }
         if kick {
             // Work that waited for bus mastering (tails written, frames received) goes on now.
             self.kick_all();
@@ -604,7 +629,7 @@ impl VfioDevice for I40eVf {
 
     fn reset(&mut self) {
         log::info!("device reset");
-        self.core.lock().reset(&self.core.cfg);
+        self.full_reset("device");
     }
 
     fn migration(&self) -> Option<&dyn Migratable> {

@@ -645,6 +645,8 @@ impl<D: VfioDevice> Ctx<'_, D> {
             reject!(Errno::EINVAL, "DMA_LOGGING_REPORT: argsz {argsz}, the bitmap needs {need}");
         }
         let bits = self.derived(|mem| mem.report(iova, len, page_size))?;
+        self.mig.stats.reports += 1;
+        self.mig.stats.dirty_pages_reported += bits.iter().map(|b| u64::from(b.count_ones())).sum::<u64>();
         let mut w = Writer(Vec::with_capacity(need as usize)).u32(need as u32).u32(flags).bytes(data);
         for b in bits {
             w = w.u64(b);

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod conn;
+pub mod control;
 pub mod dma;
 #[doc(hidden)]
 pub mod fuzz;

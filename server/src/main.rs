@@ -106,6 +106,12 @@ struct Cli {
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
 
+    /// A control socket at PATH: JSON lines in the style of QMP (query-status, query-stats, query-faults,
+    /// set-fault, clear-fault, set-link, pf-reset, query-migration) and asynchronous events. A stale socket there is
+    /// replaced. See docs/faults.md.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
     /// More log detail: -v debug, -vv trace (default info). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -195,6 +201,7 @@ fn run(cli: Cli) -> std::io::Result<()> {
         cfg.mac = mac;
     }
     let mem = GuestMem::new();
+    mem.set_faults(faults.clone()); // dirty-miss
     let vf = I40eVf::new(cfg, mem.clone());
     let m = vf.mac();
     log::info!(
@@ -214,6 +221,12 @@ fn run(cli: Cli) -> std::io::Result<()> {
     vf.set_sink(backend.sink());
     backend.start(vf.rx_port())?;
     log::info!("packet backend: {}", cli.backend);
+    // The control socket is bound before the main socket (clients wait in its backlog until its thread runs), so
+    // a test that can connect to the main socket can connect to the control socket too. Removed at exit.
+    let control = match &cli.control {
+        Some(path) => Some(sys::listen(path)?),
+        None => None,
+    };
     // The socket comes last: a client (or a test) that can connect may rely on everything above being ready.
     let (endpoint, _socket) = match (&cli.socket, cli.fd) {
         (Some(path), _) => {
@@ -229,7 +242,18 @@ fn run(cli: Cli) -> std::io::Result<()> {
         log::info!("dirty logging reports the pages descriptors let the device write (--dirty-log descriptors)");
         mem.set_derived_log(true);
     }
+    let events = vf.events();
     let mut server = Server::new(vf, mem, endpoint, limits, cli.migration_audit)?;
+    server.set_faults(faults.clone(), events.clone());
     server.stop_on(signals)?;
+    let _control = match control {
+        Some((l, guard)) => {
+            let link = server.enable_control();
+            server::control::spawn(l, server::control::ControlCtx { faults: faults.clone(), events, link })?;
+            log::info!("control socket on {}", guard.path().display());
+            Some(guard)
+        }
+        None => None,
+    };
     server.run()
 }

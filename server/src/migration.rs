@@ -8,7 +8,10 @@
 //! blocking the protocol thread: the transition is left pending and finished from the event loop.
 
 use std::fmt;
+use std::sync::Arc;
 
+use device::event::{Event, Events};
+use device::fault::Faults;
 use device::mem::GuestMem;
 use device::stream::{self, section, Extra};
 use device::{Errno, Migratable};
@@ -122,6 +125,20 @@ pub enum Progress {
     Waiting,
 }
 
+/// What the control socket's query-migration reports: the current client's transfers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigStats {
+    /// MIG_DATA_READ bytes returned (source).
+    pub bytes_read: u64,
+    /// MIG_DATA_WRITE bytes accepted (destination).
+    pub bytes_written: u64,
+    /// DMA_LOGGING_REPORTs answered and the dirty pages (set bits) they carried.
+    pub reports: u64,
+    pub dirty_pages_reported: u64,
+    /// State records corrupted by mig-corrupt.
+    pub corrupted_reads: u64,
+}
+
 pub struct Migration {
     state: MigState,
     /// Set while a transition waits for the device's pause.
@@ -138,7 +155,17 @@ pub struct Migration {
     audit: bool,
     pending_audit: Option<Audit>,
     pub last_audit: Option<AuditResult>,
+    /// The addresses of the pages the last audit found differing (at most [`MAX_AUDIT_ADDRS`]).
+    pub last_audit_pages: Vec<u64>,
+    /// Where the state record is inside `out` (mig-corrupt flips bytes there only).
+    state_rec: Option<(usize, usize)>,
+    pub stats: MigStats,
+    faults: Arc<Faults>,
+    events: Arc<Events>,
 }
+
+/// Differing page addresses the audit keeps for the control socket.
+pub const MAX_AUDIT_ADDRS: usize = 4096;
 
 impl Migration {
     pub fn new(audit: bool) -> Self {
@@ -153,6 +180,23 @@ impl Migration {
             audit,
             pending_audit: None,
             last_audit: None,
+            last_audit_pages: Vec::new(),
+            state_rec: None,
+            stats: MigStats::default(),
+            faults: Arc::default(),
+            events: Arc::default(),
+        }
+    }
+
+    /// The faults (mig-fail, mig-corrupt) to apply and where state changes are reported.
+    pub fn set_hooks(&mut self, faults: Arc<Faults>, events: Arc<Events>) {
+        self.faults = faults;
+        self.events = events;
+    }
+
+    fn changed(&self, from: MigState, to: MigState) {
+        if from != to {
+            self.events.emit(Event::MigrationState { from: from.to_string(), to: to.to_string() });
         }
     }
 
@@ -209,9 +253,16 @@ impl Migration {
                 return Ok(Progress::Done);
             }
             let to = next(self.state, target).ok_or(Errno::EINVAL)?;
-            match self.arc(to, dev, mem) {
+            let result = if self.faults.mig_fail(to as u32) {
+                Err(format!("fault mig-fail={}", to.to_string().to_ascii_lowercase()))
+            } else {
+                self.arc(to, dev, mem)
+            };
+            match result {
                 Ok(true) => {
+                    let from = self.state;
                     self.state = to;
+                    self.changed(from, to);
                     // The fast path (docs/remap-irq.md) is taken back while saving or resuming.
                     match to {
                         MigState::Running => dev.fast_path(true),
@@ -225,8 +276,10 @@ impl Migration {
                         "migration: {} -> {to} failed: {why}; device state ERROR (DEVICE_RESET recovers)",
                         self.state
                     );
+                    let from = self.state;
                     self.state = MigState::Error;
                     self.target = None;
+                    self.changed(from, MigState::Error);
                     return Err(Errno::EINVAL);
                 }
             }
@@ -249,6 +302,7 @@ impl Migration {
                     let record = dev.state_record(&self.audit_extras(mem))?;
                     self.out.drain(..self.out_pos);
                     self.out_pos = 0;
+                    self.state_rec = Some((self.out.len(), self.out.len() + record.len()));
                     self.out.extend_from_slice(&record);
                 }
                 if self.state == PreCopy {
@@ -261,7 +315,10 @@ impl Migration {
             }
             (Running, PreCopy) => self.begin_saving(dev.compat_record()),
             (PreCopy, Running) | (StopCopy, Stop) => self.end_saving(),
-            (Stop, StopCopy) => self.begin_saving(dev.state_record(&self.audit_extras(mem))?),
+            (Stop, StopCopy) => {
+                self.begin_saving(dev.state_record(&self.audit_extras(mem))?);
+                self.state_rec = Some((0, self.out.len()));
+            }
             (Stop, Resuming) => {
                 self.inbuf.clear();
                 self.checked = 0;
@@ -277,11 +334,13 @@ impl Migration {
     fn begin_saving(&mut self, data: Vec<u8>) {
         self.out = data;
         self.out_pos = 0;
+        self.state_rec = None;
     }
 
     fn end_saving(&mut self) {
         self.out = Vec::new();
         self.out_pos = 0;
+        self.state_rec = None;
     }
 
     /// MIG_DATA_READ: up to `size` bytes of the current transfer; fewer means the stream (for now) ends.
@@ -293,6 +352,20 @@ impl Migration {
         let n = size.min(self.out.len() - self.out_pos);
         let at = self.out_pos;
         self.out_pos += n;
+        // mig-corrupt: one byte of the state record's sections or checksum (past its 16-byte header, so the
+        // destination finds a checksum mismatch rather than a misleading length) flipped in every read that
+        // returns some of them.
+        if let Some((start, end)) = self.state_rec {
+            let (lo, hi) = (at.max(start + 16), (at + n).min(end));
+            if lo < hi && self.faults.mig_corrupt() {
+                let i = lo + (hi - lo) / 2;
+                self.out[i] ^= 0xff;
+                self.faults.mig_corrupt_fired();
+                self.stats.corrupted_reads += 1;
+                log::warn!("fault mig-corrupt: flipped byte {} of the state record in this MIG_DATA_READ", i - start);
+            }
+        }
+        self.stats.bytes_read += n as u64;
         Ok(&self.out[at..at + n])
     }
 
@@ -311,6 +384,7 @@ impl Migration {
             return self.refuse(format!("over-long: more than {MAX_RESUME_BYTES} bytes"), Errno(libc::E2BIG));
         }
         self.inbuf.extend_from_slice(data);
+        self.stats.bytes_written += data.len() as u64;
         // Check every compat record completed by this write (each record once: re-parsing the whole stream on every
         // write would cost quadratic time); the state record is loaded at RESUMING -> STOP.
         let mut at = self.checked;
@@ -442,6 +516,8 @@ impl Migration {
             );
         }
         self.last_audit = Some(r);
+        bad.truncate(MAX_AUDIT_ADDRS);
+        self.last_audit_pages = bad;
     }
 
     /// DEVICE_RESET: any migration ends and the device runs.
@@ -450,7 +526,9 @@ impl Migration {
             log::info!("migration: DEVICE_RESET in {}: back to RUNNING", self.state);
         }
         self.abandon();
+        let from = self.state;
         self.state = MigState::Running;
+        self.changed(from, MigState::Running);
         dev.resume();
         dev.fast_path(true);
     }
@@ -469,6 +547,7 @@ impl Migration {
         }
         if was != self.state {
             log::info!("migration: client gone in {was}: device state {}", self.state);
+            self.changed(was, self.state);
         }
     }
 

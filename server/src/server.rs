@@ -8,12 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use device::event::Events as DeviceEvents;
+use device::fault::Faults;
 use device::mem::GuestMem;
 use device::{Errno, VfioDevice};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::conn::{Conn, Event, Incoming, ReadStatus};
+use crate::control::{self, Call, Controlled, CtlResult, Op};
 use crate::dma::{DmaOp, DmaRequest, RemoteDma};
 use crate::handlers::{mig_state_reply, Ctx, Negotiated, Step};
 use crate::limits::Limits;
@@ -68,7 +71,17 @@ struct Session {
     /// REGION_WRITE messages to BAR0: posted (no_reply), and with a reply. A client that posts writes only while
     /// nothing is mmap-able (QEMU) shows here which way it went.
     bar0_writes: [u64; 2],
+    /// slow-mmio: a BAR access waiting until its time; everything the client sends behind it waits in `held`.
+    slow: Option<(Instant, Incoming)>,
+    /// slow-mmio: `held` is full; no more is taken from the socket until it drains.
+    stalled: bool,
+    /// Messages handled (commands and replies to our DMA requests), for disconnect-after.
+    messages: u64,
+    /// disconnect-after fired: the session ends before anything else is handled.
+    kill: Option<u64>,
 }
+
+type ControlFn<D> = fn(&mut Server<D>, &Op) -> CtlResult;
 
 pub struct Server<D: VfioDevice> {
     mem: GuestMem,
@@ -83,6 +96,10 @@ pub struct Server<D: VfioDevice> {
     waiting_logged: bool,
     limits: Limits,
     mig: Migration,
+    faults: Arc<Faults>,
+    /// The control socket's requests (`--control`) and the device-specific part of answering them.
+    ctl_rx: Option<Receiver<Call>>,
+    ctl_fn: Option<ControlFn<D>>,
     /// Last, so it is dropped after the session and the DMA channel: its workers may be waiting on them.
     device: D,
 }
@@ -118,6 +135,9 @@ impl<D: VfioDevice> Server<D> {
             waiting_logged: false,
             limits,
             mig: Migration::new(migration_audit),
+            faults: Arc::default(),
+            ctl_rx: None,
+            ctl_fn: None,
             device,
         };
         match endpoint {
@@ -141,6 +161,67 @@ impl<D: VfioDevice> Server<D> {
         &self.device
     }
 
+    /// The faults the server applies (slow-mmio, disconnect-after, mig-fail, mig-corrupt) and where it reports
+    /// migration state changes: the same the device was built with.
+    pub fn set_faults(&mut self, faults: Arc<Faults>, events: Arc<DeviceEvents>) {
+        self.mig.set_hooks(faults.clone(), events);
+        self.faults = faults;
+    }
+
+    /// A snapshot for the control socket: the client, the migration, the limits. Device parts are added by
+    /// [`Controlled`].
+    pub(crate) fn status_json(&self) -> serde_json::Value {
+        let client = self.session.as_ref().map(|s| {
+            serde_json::json!({
+                "id": s.id,
+                "negotiated": s.negotiated.is_some(),
+                "messages": s.messages,
+                "dma_regions": self.mem.len(),
+                "pending_dma": s.pending.len(),
+            })
+        });
+        serde_json::json!({
+            "client_connected": self.session.is_some(),
+            "client": client,
+            "clients_served": self.sessions,
+            "migration_state": self.mig.state().to_string(),
+            "paused": self.device.migration().is_some_and(|m| m.is_paused()),
+        })
+    }
+
+    pub(crate) fn migration_json(&self) -> serde_json::Value {
+        let m = &self.mig;
+        let st = m.stats;
+        serde_json::json!({
+            "state": m.state().to_string(),
+            "transition_pending": m.waiting(),
+            "audit_enabled": m.audit_enabled(),
+            "logging_page_size": self.mem.logging(),
+            "bytes_read": st.bytes_read,
+            "bytes_written": st.bytes_written,
+            "bytes_transferred": st.bytes_read + st.bytes_written,
+            "dirty_reports": st.reports,
+            "dirty_pages_reported": st.dirty_pages_reported,
+            "corrupted_reads": st.corrupted_reads,
+            "audit": m.last_audit.map(|a| serde_json::json!({
+                "checked": a.checked,
+                "mismatches": a.mismatches,
+                "skipped": a.skipped,
+                "mismatched_pages": m.last_audit_pages,
+            })),
+        })
+    }
+
+    /// Answers the control socket's requests (called on the protocol thread).
+    fn serve_control(&mut self) {
+        let Some(rx) = self.ctl_rx.clone() else { return };
+        let Some(f) = self.ctl_fn else { return };
+        while let Ok(call) = rx.try_recv() {
+            let r = f(self, &call.op);
+            let _ = call.reply.send(r);
+        }
+    }
+
     /// Runs until a signal arrives, or, for a connected endpoint, until the client leaves.
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(16);
@@ -149,7 +230,7 @@ impl<D: VfioDevice> Server<D> {
                 log::info!("the inherited connection closed: exiting");
                 return Ok(());
             }
-            if let Err(e) = self.poll.poll(&mut events, self.idle_deadline()) {
+            if let Err(e) = self.poll.poll(&mut events, self.poll_timeout()) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -165,6 +246,7 @@ impl<D: VfioDevice> Server<D> {
                     WAKER => {
                         self.send_dma_requests();
                         self.finish_transition();
+                        self.serve_control();
                     }
                     SIGNAL => {
                         log::info!("signal received: shutting down");
@@ -174,12 +256,26 @@ impl<D: VfioDevice> Server<D> {
                     _ => {}
                 }
             }
+            self.drain_held();
             self.flush();
             self.accept_waiting();
         }
     }
 
-    /// How long the poll may sleep: until the current half message times out, if `--idle-timeout` is set.
+    /// How long the poll may sleep: until a slow-mmio access is due, or the current half message times out.
+    fn poll_timeout(&self) -> Option<Duration> {
+        let slow = self
+            .session
+            .as_ref()
+            .and_then(|s| s.slow.as_ref())
+            .map(|(t, _)| t.saturating_duration_since(Instant::now()));
+        match (slow, self.idle_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How long until the current half message times out, if `--idle-timeout` is set.
     fn idle_deadline(&self) -> Option<Duration> {
         let limit = self.limits.idle_timeout?;
         let s = self.session.as_ref().filter(|s| s.conn.framer.has_partial() && !s.paused)?;
@@ -257,7 +353,12 @@ impl<D: VfioDevice> Server<D> {
             held: Default::default(),
             held_bytes: 0,
             bar0_writes: [0; 2],
+            slow: None,
+            stalled: false,
+            messages: 0,
+            kill: None,
         });
+        self.mig.stats = Default::default();
         // The client may already have sent data (and hung up) before we registered; edge-triggered polling would
         // not say so.
         self.service_client(true);
@@ -266,6 +367,14 @@ impl<D: VfioDevice> Server<D> {
 
     /// Closes the session. The run loop then serves the next client waiting, if any (`accept_waiting`).
     fn end_session(&mut self, why: &str) {
+        if let Some(n) = self.session.as_mut().and_then(|s| s.kill.take()) {
+            log::warn!("fault disconnect-after={n}: dropping the client after {n} messages");
+            self.faults.disconnect_fired();
+            if let Some(s) = &mut self.session {
+                let _ = s.conn.flush(); // best effort: the last reply goes out before the close
+            }
+            return self.close_session(&format!("fault disconnect-after={n}"));
+        }
         self.close_session(why);
     }
 
@@ -302,8 +411,10 @@ impl<D: VfioDevice> Server<D> {
     fn service_client(&mut self, to_end: bool) {
         loop {
             let Some(s) = &mut self.session else { return };
-            if s.paused || s.closing {
-                break; // resumed by `flush` once the client has read enough; or nothing more will come
+            if s.paused || s.closing || s.stalled {
+                // resumed by `flush` once the client has read enough, or by `drain_held` once held commands are
+                // handled; or nothing more will come
+                break;
             }
             match s.conn.fill() {
                 Ok(ReadStatus::Data { more }) => {
@@ -360,6 +471,12 @@ impl<D: VfioDevice> Server<D> {
     fn process_input(&mut self) -> Result<(), String> {
         loop {
             let Some(s) = &mut self.session else { return Ok(()) };
+            if let Some(n) = s.kill {
+                return Err(format!("fault disconnect-after={n}"));
+            }
+            if s.stalled {
+                return Ok(());
+            }
             // Checked per message: one read can carry hundreds of requests, each asking for a large reply.
             if s.conn.queued_bytes() > MAX_QUEUED_OUTPUT {
                 if !s.paused {
@@ -386,6 +503,7 @@ impl<D: VfioDevice> Server<D> {
                     ));
                 }
                 Event::Message(m) if m.header.msg_type() == TYPE_REPLY => {
+                    count_message(s, &self.faults);
                     if let Some(m) = complete_dma(s, m) {
                         // Nothing of ours is waiting for it (always so before VERSION): the client gets an answer
                         // rather than wait forever for one.
@@ -397,22 +515,78 @@ impl<D: VfioDevice> Server<D> {
                         reply_error(s, &m.header, libc::EINVAL);
                     }
                 }
-                Event::Message(m) if s.deferred.is_some() => {
+                Event::Message(m) if s.deferred.is_some() || s.slow.is_some() || !s.held.is_empty() => {
                     s.held_bytes += m.payload.len();
-                    if s.held_bytes > MAX_HELD_INPUT {
-                        return Err(format!(
-                            "more than {MAX_HELD_INPUT} bytes of commands pipelined behind a pending state transition"
-                        ));
-                    }
                     s.held.push_back(m);
+                    if s.held_bytes > MAX_HELD_INPUT {
+                        if s.deferred.is_some() {
+                            return Err(format!(
+                                "more than {MAX_HELD_INPUT} bytes of commands pipelined behind a pending state \
+                                 transition"
+                            ));
+                        }
+                        // slow-mmio: the rest stays in the socket until the held commands are handled.
+                        s.stalled = true;
+                    }
                 }
-                Event::Message(m) => self.handle_command(m),
+                Event::Message(m) => self.dispatch(m),
             }
+        }
+    }
+
+    /// Handles a command now, or, with slow-mmio and a BAR access, once its delay has passed.
+    fn dispatch(&mut self, m: Incoming) {
+        let Some(s) = &mut self.session else { return };
+        if is_bar_access(&m) {
+            if let Some(d) = self.faults.mmio_delay() {
+                s.slow = Some((Instant::now() + d, m));
+                return;
+            }
+        }
+        self.handle_command(m);
+    }
+
+    /// Handles what waits in `held`, in order: a due slow-mmio access first, then the commands behind it, until
+    /// one waits again (a transition, another slow access).
+    fn drain_held(&mut self) {
+        let mut handled = false;
+        loop {
+            let Some(s) = &mut self.session else { return };
+            if s.kill.is_some() {
+                return self.end_session("fault disconnect-after");
+            }
+            if s.deferred.is_some() {
+                break;
+            }
+            if let Some((when, _)) = &s.slow {
+                if Instant::now() < *when {
+                    break;
+                }
+                let (_, m) = s.slow.take().expect("checked");
+                self.handle_command(m);
+                handled = true;
+                continue;
+            }
+            let Some(m) = s.held.pop_front() else { break };
+            s.held_bytes -= m.payload.len();
+            self.dispatch(m);
+            handled = true;
+        }
+        let Some(s) = &mut self.session else { return };
+        if s.stalled && s.held_bytes <= MAX_HELD_INPUT / 2 {
+            s.stalled = false;
+            if let Err(why) = self.process_input() {
+                return self.end_session(&why);
+            }
+            self.service_client(true);
+        } else if handled {
+            self.flush();
         }
     }
 
     fn handle_command(&mut self, mut m: Incoming) {
         let Some(s) = &mut self.session else { return };
+        count_message(s, &self.faults);
         let h = m.header;
         log::trace!("<- {} id {} ({} bytes, {} fds)", command_name(h.cmd), h.id, h.size, m.fds.len());
         if h.cmd == CMD_REGION_WRITE && Reader::new(m.payload.get(8..).unwrap_or_default()).u32() == Some(0) {
@@ -478,14 +652,7 @@ impl<D: VfioDevice> Server<D> {
                 Err(e) => reply_error(s, &h, e.0),
             }
         }
-        while let Some(s) = &mut self.session {
-            if s.deferred.is_some() {
-                break;
-            }
-            let Some(m) = s.held.pop_front() else { break };
-            s.held_bytes -= m.payload.len();
-            self.handle_command(m);
-        }
+        self.drain_held();
         self.flush();
     }
 
@@ -519,6 +686,63 @@ impl<D: VfioDevice> Server<D> {
             s.pending.insert(id, PendingDma { cmd, addr: req.addr, len, reply: req.reply });
         }
     }
+}
+
+impl<D: Controlled> Server<D> {
+    /// Turns on the control socket's requests (`--control`): the returned link is the control thread's way here.
+    pub fn enable_control(&mut self) -> control::ControlLink {
+        let (tx, rx) = unbounded();
+        self.ctl_rx = Some(rx);
+        self.ctl_fn = Some(answer_control::<D>);
+        control::ControlLink { tx, waker: self.waker.clone() }
+    }
+}
+
+/// Answers one control request on the protocol thread: short calls, nothing that waits for the client.
+fn answer_control<D: Controlled>(srv: &mut Server<D>, op: &Op) -> CtlResult {
+    Ok(match *op {
+        Op::Status => {
+            let mut v = srv.status_json();
+            v["link_up"] = serde_json::json!(srv.device.link_up());
+            v["vf"] = srv.device.vf_json();
+            v
+        }
+        Op::Stats => srv.device.stats_json(),
+        Op::SetLink(up) => {
+            srv.device.set_link(up);
+            serde_json::json!({})
+        }
+        Op::PfReset => {
+            srv.device.pf_reset();
+            serde_json::json!({})
+        }
+        Op::Migration => srv.migration_json(),
+        Op::FaultsChanged => {
+            srv.device.faults_changed();
+            serde_json::json!({})
+        }
+    })
+}
+
+/// Counts a message for disconnect-after; marks the session for closing when the count is reached.
+fn count_message(s: &mut Session, faults: &Faults) {
+    s.messages += 1;
+    if let Some(n) = faults.disconnect_after() {
+        if s.messages >= n && s.kill.is_none() {
+            s.kill = Some(n);
+        }
+    }
+}
+
+/// REGION_READ, REGION_WRITE or REGION_WRITE_MULTI whose (first) region is a BAR (indexes 0-5): slow-mmio delays
+/// it.
+fn is_bar_access(m: &Incoming) -> bool {
+    let region = match m.header.cmd {
+        CMD_REGION_READ | CMD_REGION_WRITE => Reader::new(m.payload.get(8..).unwrap_or_default()).u32(),
+        CMD_REGION_WRITE_MULTI => Reader::new(m.payload.get(16..).unwrap_or_default()).u32(),
+        _ => None,
+    };
+    region.is_some_and(|r| r <= 5)
 }
 
 /// An error reply carrying only the header, unless the message asked for no reply.

@@ -15,6 +15,12 @@ pub struct SocketPath {
     dev_ino: (u64, u64),
 }
 
+impl SocketPath {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for SocketPath {
     fn drop(&mut self) {
         match std::fs::symlink_metadata(&self.path) {

@@ -6,6 +6,7 @@
 //! ([`wire`]), and per server the remap IRQ's handler ([`remap`]). Guest memory: [`mem`]. The commands: [`proto`].
 //! [`traffic`] runs traffic on one server without migrating (benchmarks, tests).
 
+pub mod abort;
 pub mod mem;
 pub mod proto;
 pub mod remap;

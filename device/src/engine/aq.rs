@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::core::{AqWork, Core};
 use crate::engine::derive;
 use crate::event::Event;
+use crate::fault::AqVerdict;
 use crate::nic::adminq::*;
 use crate::nic::regs::*;
 use crate::nic::virtchnl::{self, After, Pf};
@@ -24,34 +25,138 @@ fn phase_delay(p: ResetPhase) -> Duration {
     }
 }
 
+/// How often a reset held by reset-stuck looks whether the fault was cleared (a clear through the control socket
+/// pokes the worker at once).
+const STUCK_RECHECK: Duration = Duration::from_millis(100);
+
+/// How long the phase `p` lasts: [`phase_delay`], and for INPROGRESS (what the driver waits on) the reset-slow
+/// fault's extra time.
+fn step_delay(core: &Core, p: ResetPhase) -> Duration {
+    let d = phase_delay(p);
+    if p != ResetPhase::InProgress {
+        return d;
+    }
+    match core.cfg.faults.reset_delay() {
+        Some(extra) => {
+            log::warn!("reset-slow fault: the VF reset takes {} ms longer", extra.as_millis());
+            d + extra
+        }
+        None => d,
+    }
+}
+
 pub(crate) fn worker(core: &Core, rx: Receiver<AqWork>) {
+    let faults = core.cfg.faults.clone();
     // When the current reset phase ends; None when no reset is under way (or it must be timed afresh).
     let mut next_step: Option<Instant> = None;
+    // The reset under way is held at INPROGRESS by reset-stuck (counted and logged once per reset).
+    let mut stuck = false;
+    // link-flap: when the link changes next.
+    let mut next_flap: Option<Instant> = None;
+    // A link fault (link-down, link-flap) took the link down: restored when none is set any more.
+    let mut forced_down = faults.link_down();
     loop {
         let phase = core.lock().nic.reset;
-        let msg = if phase == ResetPhase::Idle {
+        let reset_at = if phase == ResetPhase::Idle {
             next_step = None;
-            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            stuck = false;
+            None
         } else {
-            let at = *next_step.get_or_insert_with(|| Instant::now() + phase_delay(phase));
-            rx.recv_deadline(at)
+            Some(*next_step.get_or_insert_with(|| Instant::now() + step_delay(core, phase)))
+        };
+        match faults.link_flap() {
+            Some(period) => {
+                next_flap.get_or_insert_with(|| Instant::now() + period);
+            }
+            None if next_flap.is_some() => {
+                next_flap = None;
+                link_faults(core, &mut forced_down); // cleared without a poke
+            }
+            None => {}
+        }
+        let msg = match [reset_at, next_flap].into_iter().flatten().min() {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => rx.recv_deadline(at),
         };
         match msg {
             Ok(AqWork::Atq) => process_atq(core),
             Ok(AqWork::Arq) => deliver_arq(core),
             Ok(AqWork::PfReset) => pf_initiated_reset(core),
-            Ok(AqWork::SetLink { up, cause }) => set_link(core, up, cause),
+            Ok(AqWork::SetLink { up, cause }) => {
+                if up && faults.link_down() {
+                    log::warn!("link up ({cause}) refused: the link-down fault holds it down");
+                } else {
+                    set_link(core, up, cause);
+                }
+            }
+            Ok(AqWork::FaultsChanged) => {
+                link_faults(core, &mut forced_down);
+                if faults.link_flap().is_none() {
+                    next_flap = None;
+                }
+                if stuck && !faults.is_set("reset-stuck") {
+                    next_step = None; // the held reset goes on now
+                }
+            }
             Ok(AqWork::Pause) => {
                 core.pause.park();
                 next_step = None; // a phase restarts its time after a pause (or a restore)
             }
             Ok(AqWork::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {
-                next_step = None;
-                advance_reset(core);
+                let now = Instant::now();
+                if next_flap.is_some_and(|t| now >= t) {
+                    next_flap = None;
+                    flap(core, &mut forced_down);
+                }
+                if reset_at.is_some_and(|t| now >= t) {
+                    next_step = None;
+                    if phase == ResetPhase::InProgress && faults.is_set("reset-stuck") {
+                        if !stuck {
+                            stuck = true;
+                            faults.reset_stuck(); // counts it
+                            log::warn!("reset-stuck fault: the VF reset stays in progress (RSTAT never VFACTIVE)");
+                        }
+                        next_step = Some(now + STUCK_RECHECK);
+                    } else {
+                        stuck = false;
+                        advance_reset(core);
+                    }
+                }
             }
         }
     }
+}
+
+/// link-down and link-flap after a change of the faults: link-down takes the link down (and keeps it down);
+/// with neither set, a link a fault took down comes back up.
+fn link_faults(core: &Core, forced_down: &mut bool) {
+    let faults = &core.cfg.faults;
+    let up = core.lock().nic.pf.link_up;
+    if faults.link_down() {
+        if up {
+            faults.link_fired(false);
+            set_link(core, false, "link-down fault");
+        }
+        *forced_down = true;
+    } else if faults.link_flap().is_none() && *forced_down {
+        *forced_down = false;
+        if !up {
+            set_link(core, true, "link fault cleared");
+        }
+    }
+}
+
+/// link-flap: the link changes (unless link-down holds it down).
+fn flap(core: &Core, forced_down: &mut bool) {
+    let faults = &core.cfg.faults;
+    if faults.link_down() {
+        return;
+    }
+    let up = !core.lock().nic.pf.link_up;
+    faults.link_fired(true);
+    set_link(core, up, "link-flap fault");
+    *forced_down = !up;
 }
 
 struct Ring {
@@ -89,9 +194,13 @@ fn ring(core: &Core, len_reg: u64, bal: u64, bah: u64, head: u64, tail: u64) -> 
 /// Marks a queue critically broken (LEN.CRIT), as hardware does on a head/tail outside the ring.
 fn stall(core: &Core, len_reg: u64, why: std::fmt::Arguments<'_>) {
     log::error!("{why}; admin queue stalled until reset");
-    let mut st = core.lock();
-    let v = st.reg(len_reg) | AQ_CRIT;
-    st.set_reg(len_reg, v);
+    {
+        let mut st = core.lock();
+        let v = st.reg(len_reg) | AQ_CRIT;
+        st.set_reg(len_reg, v);
+    }
+    let ring = if len_reg == VF_ATQLEN1 { "ATQ" } else { "ARQ" };
+    core.malicious_driver(None, format!("{ring}: {why}"));
 }
 
 /// Processes ATQH..ATQT: read each descriptor and its buffer, handle it, write it back with DD|CMP, then advance
@@ -112,7 +221,7 @@ pub(crate) fn process_atq(core: &Core) {
             return stall(core, VF_ATQLEN1, format_args!("ATQ base {:#x} wraps the address space", r.base));
         };
         let mut raw = [0u8; 32];
-        if let Err(e) = core.mem.read(at, &mut raw) {
+        if let Err(e) = core.dma_read(at, &mut raw) {
             return stall(core, VF_ATQLEN1, format_args!("ATQ descriptor {} at {at:#x}: {e}", r.head));
         }
         let mut d = Desc::from_bytes(&raw);
@@ -124,7 +233,7 @@ pub(crate) fn process_atq(core: &Core) {
         if core.lock().generation != r.generation {
             return; // reset while we worked: the ring is gone
         }
-        if let Err(e) = core.mem.write(at, &d.to_bytes()) {
+        if let Err(e) = core.dma_write(at, &d.to_bytes()) {
             return stall(core, VF_ATQLEN1, format_args!("ATQ writeback {} at {at:#x}: {e}", r.head));
         }
         {
@@ -140,7 +249,9 @@ pub(crate) fn process_atq(core: &Core) {
         }
         if after == Ok(After::ResetVf) {
             log::info!("VF reset: in progress");
-            core.lock().vf_reset();
+            let mut st = core.lock();
+            st.reset_started("vf");
+            st.vf_reset();
             return;
         }
         deliver_arq(core);
@@ -165,16 +276,26 @@ fn handle(core: &Core, d: &Desc, generation: u64) -> Result<After, ()> {
                     return Err(());
                 }
                 let addr = (u64::from(d.addr_high) << 32) | u64::from(d.addr_low);
-                if let Err(e) = core.mem.read(addr, &mut msg) {
+                if let Err(e) = core.dma_read(addr, &mut msg) {
                     log::warn!("virtchnl op {op}: message buffer: {e}");
+                    if core.injected_dma.load(std::sync::atomic::Ordering::SeqCst) {
+                        core.malicious_driver(None, format!("ATQ: virtchnl op {op}: message buffer: {e}"));
+                    }
                     return Err(());
                 }
             }
+            let verdict = core.cfg.faults.aq_reply(op);
             let mut st = core.lock();
             if st.generation != generation {
                 return Ok(After::Nothing);
             }
             log::debug!("virtchnl: <- op {op} ({len} bytes)");
+            if verdict == AqVerdict::Error {
+                // aq-error: the op is refused as the PF refuses a bad request: not applied, an error status.
+                log::warn!("aq-error fault: virtchnl op {op} answered with VIRTCHNL_STATUS_ERR_PARAM");
+                st.post(op, virtchnl::STATUS_ERR_PARAM, Vec::new());
+                return Ok(After::Nothing);
+            }
             let out = st.nic.pf.handle(op, &msg);
             let ok = matches!(out.reply, Some((0, _)));
             if op == virtchnl::OP_CONFIG_VSI_QUEUES && ok {
@@ -186,8 +307,12 @@ fn handle(core: &Core, d: &Desc, generation: u64) -> Result<After, ()> {
                 st.observed.forget_queues();
             }
             let enabled = (st.nic.pf.rx_enabled, st.nic.pf.tx_enabled);
-            if let Some((status, payload)) = out.reply {
-                st.post(op, status, payload);
+            match out.reply {
+                Some(_) if verdict == AqVerdict::Drop => {
+                    log::warn!("aq-drop fault: the reply to virtchnl op {op} is dropped");
+                }
+                Some((status, payload)) => st.post(op, status, payload),
+                None => {}
             }
             drop(st);
             if op == virtchnl::OP_ENABLE_QUEUES && ok {
@@ -234,7 +359,7 @@ pub(crate) fn deliver_arq(core: &Core) {
             return stall(core, VF_ARQLEN1, format_args!("ARQ base {:#x} wraps the address space", r.base));
         };
         let mut raw = [0u8; 32];
-        if let Err(e) = core.mem.read(at, &mut raw) {
+        if let Err(e) = core.dma_read(at, &mut raw) {
             return stall(core, VF_ARQLEN1, format_args!("ARQ descriptor {} at {at:#x}: {e}", r.head));
         }
         let mut d = Desc::from_bytes(&raw);
@@ -251,7 +376,7 @@ pub(crate) fn deliver_arq(core: &Core) {
             continue;
         }
         if !m.payload.is_empty() {
-            if let Err(e) = core.mem.write(buf, &m.payload) {
+            if let Err(e) = core.dma_write(buf, &m.payload) {
                 return stall(core, VF_ARQLEN1, format_args!("ARQ buffer {buf:#x}: {e}"));
             }
         }
@@ -264,7 +389,7 @@ pub(crate) fn deliver_arq(core: &Core) {
         if core.lock().generation != r.generation {
             return;
         }
-        if let Err(e) = core.mem.write(at, &d.to_bytes()) {
+        if let Err(e) = core.dma_write(at, &d.to_bytes()) {
             return stall(core, VF_ARQLEN1, format_args!("ARQ writeback {} at {at:#x}: {e}", r.head));
         }
         let mut st = core.lock();
@@ -296,6 +421,7 @@ fn advance_reset(core: &Core) {
             st.set_reg(VFGEN_RSTAT, RSTAT_VFACTIVE);
             st.nic.reset = ResetPhase::Idle;
             log::info!("VF reset: VF active");
+            st.reset_finished();
         }
     }
 }
@@ -325,6 +451,7 @@ fn pf_initiated_reset(core: &Core) {
         let mut st = core.lock();
         st.post(virtchnl::OP_EVENT, 0, Pf::reset_impending_event());
         if st.nic.reset == ResetPhase::Idle {
+            st.reset_started("pf");
             st.nic.reset = ResetPhase::Impending;
         }
     }

@@ -31,6 +31,12 @@ pub(crate) fn receive(core: &Core, frame: Vec<u8>) {
     if !wanted {
         return; // not for us: a NIC filters it silently
     }
+    if core.cfg.faults.drop_rx() {
+        // rx-drop: lost before it reaches a ring, counted like a frame the NIC had no room for.
+        st.nic.pf.stats.rx_discards += 1;
+        log::trace!("rx-drop fault: frame of {} bytes dropped", frame.len());
+        return;
+    }
     let Some(q) = pf.rx_queue_for(&frame) else {
         st.nic.pf.stats.rx_discards += 1;
         return;
@@ -129,9 +135,9 @@ fn rx_frame(core: &Core, cfg: &RxQueue, head: u32, frame: &[u8], hash: Option<u3
         let at = desc_addr(cfg.ring, i, RX_DESC, 0)?;
         let (at8, at16) = (desc_addr(cfg.ring, i, RX_DESC, 8)?, desc_addr(cfg.ring, i, RX_DESC, 16)?);
         let mut d = [0u8; 8];
-        core.mem.read(at, &mut d)?;
+        core.dma_read(at, &mut d)?;
         let buf = u64::from_le_bytes(d);
-        core.mem.write(buf, chunk)?;
+        core.dma_write(buf, chunk)?;
         let last = n + 1 == chunks.len();
         let qw0 = u64::from(hash.unwrap_or(0)) << 32;
         let mut qw1 = RX_DD | ((chunk.len() as u64) << RX_LEN_SHIFT);
@@ -142,9 +148,9 @@ fn rx_frame(core: &Core, cfg: &RxQueue, head: u32, frame: &[u8], hash: Option<u3
         if hash.is_some() {
             qw1 |= RX_FLTSTAT_RSS;
         }
-        core.mem.write(at, &qw0.to_le_bytes())?;
-        core.mem.write(at16, &[0u8; 16])?;
-        core.mem.write(at8, &qw1.to_le_bytes())?;
+        core.dma_write(at, &qw0.to_le_bytes())?;
+        core.dma_write(at16, &[0u8; 16])?;
+        core.dma_write(at8, &qw1.to_le_bytes())?;
         i = (i + 1) % cfg.len;
     }
     Ok(i)
@@ -152,13 +158,21 @@ fn rx_frame(core: &Core, cfg: &RxQueue, head: u32, frame: &[u8], hash: Option<u3
 
 /// Shuts RX queue `q` down, unless CONFIG_VSI_QUEUES replaced what the failed walk was using.
 fn disable_rx(core: &Core, q: u16, cfg: RxQueue, why: Mdd) {
-    let mut st = core.lock();
-    if st.nic.pf.rx.get(q as usize).copied().flatten() != Some(cfg) {
-        return;
+    {
+        let mut st = core.lock();
+        if st.nic.pf.rx.get(q as usize).copied().flatten() != Some(cfg) {
+            drop(st);
+            // Nothing to shut down any more; an injected failure still gets its PF reset.
+            if core.injected_dma.load(std::sync::atomic::Ordering::SeqCst) {
+                core.malicious_driver(Some(q), format!("RX queue {q}: {why}"));
+            }
+            return;
+        }
+        mdd(&mut st);
+        st.nic.pf.rx_enabled &= !(1 << q);
+        st.rx_backlog[q as usize].clear();
+        st.nic.pf.stats.rx_discards += 1;
+        log::error!("RX queue {q} disabled (malicious driver detection): {why}");
     }
-    mdd(&mut st);
-    st.nic.pf.rx_enabled &= !(1 << q);
-    st.rx_backlog[q as usize].clear();
-    st.nic.pf.stats.rx_discards += 1;
-    log::error!("RX queue {q} disabled (malicious driver detection): {why}");
+    core.malicious_driver(Some(q), format!("RX queue {q}: {why}"));
 }

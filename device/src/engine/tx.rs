@@ -50,6 +50,13 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
         if head == tail {
             return;
         }
+        if core.cfg.faults.tx_hang() {
+            // tx-hang: the queue's engine is stuck: nothing is read, completed or sent; the next kick after the
+            // fault is cleared picks up from the same head.
+            core.cfg.faults.tx_hang_fired();
+            log::debug!("tx-hang fault: TX queue {q} holds descriptors {head}..{tail}");
+            return;
+        }
         if tail >= cfg.len {
             return disable(core, q, generation, cfg, Mdd::Desc("tail past the end of the ring"));
         }
@@ -114,7 +121,7 @@ fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32) -> TxResult 
     while i != tail {
         let at = desc_addr(ring, i, TX_DESC, 0)?;
         let mut d = [0u8; 16];
-        core.mem.read(at, &mut d)?;
+        core.dma_read(at, &mut d)?;
         let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
         let qw1 = u64::from_le_bytes(d[8..].try_into().unwrap());
         let wb = desc_addr(ring, i, TX_DESC, 8)?;
@@ -138,10 +145,10 @@ fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32) -> TxResult 
         data_qw1.get_or_insert(qw1);
         let start = frame.len();
         frame.resize(start + size, 0);
-        core.mem.read(addr, &mut frame[start..])?;
+        core.dma_read(addr, &mut frame[start..])?;
         if qw1 & CMD_EOP != 0 {
             let done = (qw1 & !DTYPE_MASK) | DTYPE_DONE;
-            core.mem.write(wb, &done.to_le_bytes())?;
+            core.dma_write(wb, &done.to_le_bytes())?;
             let off = offload::decode(data_qw1.unwrap_or(qw1), ctx);
             return Ok(Some((i, frame, off)));
         }
@@ -153,12 +160,20 @@ type TxResult = Result<Option<(u32, Vec<u8>, TxOffload)>, Mdd>;
 
 /// Shuts TX queue `q` down, unless a reset or CONFIG_VSI_QUEUES replaced what the failed walk was using.
 fn disable(core: &Core, q: u16, generation: u64, cfg: TxQueue, why: Mdd) {
-    let mut st = core.lock();
-    if st.generation != generation || st.nic.pf.tx.get(q as usize).copied().flatten() != Some(cfg) {
-        return;
+    {
+        let mut st = core.lock();
+        if st.generation != generation || st.nic.pf.tx.get(q as usize).copied().flatten() != Some(cfg) {
+            drop(st);
+            // Nothing to shut down any more; an injected failure still gets its PF reset.
+            if core.injected_dma.load(std::sync::atomic::Ordering::SeqCst) {
+                core.malicious_driver(Some(q), format!("TX queue {q}: {why}"));
+            }
+            return;
+        }
+        mdd(&mut st);
+        st.nic.pf.tx_enabled &= !(1 << q);
+        st.nic.pf.stats.tx_errors += 1;
+        log::error!("TX queue {q} disabled (malicious driver detection): {why}");
     }
-    mdd(&mut st);
-    st.nic.pf.tx_enabled &= !(1 << q);
-    st.nic.pf.stats.tx_errors += 1;
-    log::error!("TX queue {q} disabled (malicious driver detection): {why}");
+    core.malicious_driver(Some(q), format!("TX queue {q}: {why}"));
 }

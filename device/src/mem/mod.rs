@@ -17,6 +17,7 @@ use dirty::PageBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, VolatileMemory};
 
+use crate::fault::Faults;
 use crate::vfio::Errno;
 
 pub mod doorbell;
@@ -81,12 +82,36 @@ struct RegionLog {
 impl RegionLog {
     /// A device write.
     #[inline]
-    fn mark(&self, addr: u64, len: u64) {
+    fn mark(&self, addr: u64, len: u64, faults: Option<&Faults>) {
         if !self.derived {
-            self.dirty.mark(addr, len);
+            match faults {
+                Some(f) if f.dirty_miss_active() => self.mark_missing(addr, len, f),
+                _ => self.dirty.mark(addr, len),
+            }
         }
         if let Some(e) = &self.ever {
-            e.mark(addr, len);
+            e.mark(addr, len); // the audit's record stays true: it is what catches the missing pages
+        }
+    }
+
+    /// dirty-miss: page by page, each page newly dirtied since the last report counts, and every Nth is left out.
+    #[cold]
+    fn mark_missing(&self, addr: u64, len: u64, f: &Faults) {
+        if len == 0 {
+            return;
+        }
+        let size = self.dirty.page_size();
+        let (first, last) = (addr / size, (addr + (len - 1)) / size);
+        for page in first..=last {
+            if self.dirty.is_dirty(page) {
+                continue;
+            }
+            if f.miss_dirty_page() {
+                log::debug!("dirty-miss fault: page {:#x} left out of the dirty log", page * size);
+                continue;
+            }
+            let a = (page * size).max(addr);
+            self.dirty.mark(a, 1);
         }
     }
 }
@@ -155,6 +180,8 @@ struct Table {
     log: Option<LogState>,
     /// `--dirty-log descriptors` (see [`GuestMem::set_derived_log`]).
     derived: bool,
+    /// dirty-miss (see [`GuestMem::set_faults`]).
+    faults: Option<Arc<Faults>>,
 }
 
 impl Table {
@@ -327,6 +354,12 @@ impl GuestMem {
                 has_fd: matches!(r.backing, Backing::Mapped(_)),
             })
             .collect()
+    }
+
+    /// The faults the dirty log obeys (dirty-miss: every Nth page the device newly dirties is left out of
+    /// REPORT). Shared by every clone of this memory.
+    pub fn set_faults(&self, faults: Arc<Faults>) {
+        self.wr().faults = Some(faults);
     }
 
     /// Installs (or with `None` removes) the transport for fd-less mappings.
@@ -597,7 +630,7 @@ impl GuestMem {
                         Dir::Write(d) => {
                             s.copy_from(&d[done..done + n]);
                             if let Some(l) = &r.log {
-                                l.mark(at, n as u64);
+                                l.mark(at, n as u64, t.faults.as_deref());
                             }
                         }
                     }
