@@ -145,9 +145,7 @@ impl Dev {
     /// afterwards; the admin queue worker moves it on.
     pub fn vf_reset(&mut self) {
         self.generation += 1;
-        self.nic.regs = RegFile::power_on();
-        self.doorbells.clear();
-        self.observed = Observed::default();
+        self.clear_registers();
         self.nic.regs.set(VFGEN_RSTAT, RSTAT_INPROGRESS);
         self.nic.reset = ResetPhase::InProgress;
         self.nic.vectors.fill(VectorState::default());
@@ -157,6 +155,14 @@ impl Dev {
             (q.tx_head, q.rx_head) = (0, 0);
         }
         self.rx_backlog.iter_mut().for_each(VecDeque::clear);
+    }
+
+    /// BAR0's registers (the doorbell pages too) back to their power-on values, and the tails the engines saw
+    /// with them.
+    pub fn clear_registers(&mut self) {
+        self.nic.regs = RegFile::power_on();
+        self.doorbells.clear();
+        self.observed = Observed::default();
     }
 
     /// Queues a PF -> VF message for the ARQ. A driver that stopped returning ARQ buffers loses the oldest.

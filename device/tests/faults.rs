@@ -296,6 +296,25 @@ fn reset_slow_keeps_rstat_in_progress_that_much_longer() {
     assert!(t.elapsed() < Duration::from_millis(300), "took {:?}", t.elapsed());
 }
 
+/// A frame the stack sends on the old ring while a (slow) reset runs writes QTX_TAIL; hardware holds the VF's
+/// registers in reset, so that tail must not survive into the rings configured after it (ENABLE_QUEUES acts on a
+/// latched tail: the new, empty ring would be walked and the queue shut down as a malicious driver).
+#[test]
+fn a_tail_written_during_a_reset_does_not_survive_it() {
+    let (mut d, _ev) = bed(&["reset-slow=200"]);
+    d.bring_up(1, dm::RINGS);
+    d.send(OP_RESET_VF, &[]);
+    assert!(poll(SEC, || d.bus.read32(VF_ARQLEN1) & AQ_ENABLE == 0));
+    assert!(stays_in_progress(&mut d, Duration::from_millis(50)));
+    d.bus.write32(QTX_TAIL1, 5);
+    assert!(d.wait_active(SEC));
+    assert_eq!(d.bus.read32(QTX_TAIL1), 0, "the tail came out of reset at 0");
+    d.bring_up(1, dm::RINGS);
+    std::thread::sleep(Duration::from_millis(50));
+    let s = d.bus.vf.stats();
+    assert_eq!((s.counters.mdd_events, s.queues[0].tx_frames), (0, 0), "nothing walked the new ring: {s:?}");
+}
+
 // ---- aq-drop, aq-error -----------------------------------------------------------------------------------------
 
 #[test]

@@ -565,6 +565,10 @@ impl Control {
             "set-link" => {
                 allow(&["up"])?;
                 match args.get("up") {
+                    Some(Value::Bool(true)) if self.ctx.faults.is_set("link-down") => Err(CtlError::new(
+                        "FaultActive",
+                        "set-link: the link-down fault holds the link down; clear-fault link-down first",
+                    )),
                     Some(Value::Bool(up)) => link.call(Op::SetLink(*up)),
                     Some(_) => Err(CtlError::generic("set-link: 'up' must be a boolean")),
                     None => Err(CtlError::generic("set-link: parameter 'up' is missing")),

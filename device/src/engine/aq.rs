@@ -413,6 +413,10 @@ fn advance_reset(core: &Core) {
             st.vf_reset();
         }
         ResetPhase::InProgress => {
+            // Hardware holds the VF's registers in reset until the reset completes: a tail the driver wrote
+            // meanwhile (a frame sent on the old ring) must not survive into the new rings, where ENABLE_QUEUES
+            // would act on it as a latched kick.
+            st.clear_registers();
             st.set_reg(VFGEN_RSTAT, RSTAT_COMPLETED);
             st.nic.reset = ResetPhase::Completed;
             log::info!("VF reset: completed");
@@ -426,7 +430,6 @@ fn advance_reset(core: &Core) {
     }
 }
 
-/// A reset the PF starts: warn the driver with RESET_IMPENDING; the reset follows after the warning period.
 /// The PF changes the link state it reports: a LINK_CHANGE event to the driver and to the control clients, when
 /// it changed.
 pub(crate) fn set_link(core: &Core, up: bool, cause: &'static str) {
@@ -445,6 +448,7 @@ pub(crate) fn set_link(core: &Core, up: bool, cause: &'static str) {
     deliver_arq(core);
 }
 
+/// A reset the PF starts: warn the driver with RESET_IMPENDING; the reset follows after the warning period.
 fn pf_initiated_reset(core: &Core) {
     log::info!("PF-initiated VF reset: sending RESET_IMPENDING");
     {
