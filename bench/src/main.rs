@@ -8,7 +8,14 @@
 //!    VFGEN_RSTAT (BAR0 offset 0x8800) against a real `vfu-i40evf` process;
 //! 3. `posted_write`: batches of no_reply REGION_WRITEs to ATQBAL (BAR0 0x7C00) closed by one REGION_READ of it,
 //!    checking that the only reply is the read's and that it returns the last value written;
-//! 4. the server's idle RSS.
+//! 4. the server's idle RSS;
+//! 5. `region_read_poll`: the config REGION_READ against a second server started with `--poll-us` (adaptive busy
+//!    polling), interleaved with the others, with that server's CPU use while polling and once its client is idle;
+//! 6. after the interleaved rounds, per placement: posted REGION_WRITE and REGION_WRITE_MULTI throughput (writes/s,
+//!    with the server thread's CPU time per write) beside the ping-pong rate, and DMA_MAP + DMA_UNMAP of 10,000
+//!    4 KiB regions of a memfd, each timed beside an interleaved REGION_READ;
+//! 7. scale: 64 servers with `--poll-us`, each with a client that sent a few requests and went idle: their CPU
+//!    time over 2 s and their RSS; one server with `--queues 16` after a driver model brought 16 queue pairs up.
 //!
 //! Placement is explicit: this (single-threaded) client is pinned to the first CPU, and the main thread of the
 //! ping-pong peer and of the server (the thread that serves the socket) to the same CPU (`same`) or to the second
@@ -50,6 +57,22 @@ const RSTAT_VFACTIVE: u32 = 2;
 const ECHO_VALUE: u32 = 0xec40_ec40;
 
 const RATIO_TARGET: f64 = 1.15;
+/// `region_read_poll` / ping-pong, `cross` placement.
+const POLL_RATIO_TARGET: f64 = 0.6;
+/// Posted REGION_WRITEs per second, server on its own CPU.
+const POSTED_RATE_TARGET: f64 = 2.0e6;
+/// DMA_MAP or DMA_UNMAP / REGION_READ.
+const DMA_RATIO_TARGET: f64 = 1.2;
+const DMA_REGIONS: u64 = 10_000;
+/// An idle server (no client input within its polling window) may use this much of one CPU, in percent.
+const IDLE_CPU_TARGET_PCT: f64 = 1.0;
+const SCALE_SERVERS: usize = 64;
+/// Idle RSS per server at scale ("about 3.5 MiB", today's figure): 4 MiB.
+const SCALE_RSS_TARGET_KIB: u64 = 4096;
+const QUEUES16_RSS_TARGET_KIB: u64 = 16 * 1024;
+const ATQBAL_STEP: u32 = 0x40;
+/// Clock ticks per second of /proc/<pid>/stat's utime and stime: USER_HZ, 100 on Linux.
+const USER_HZ: u64 = 100;
 const RSS_TARGET_KIB: u64 = 16 * 1024;
 /// Above this much other work during the measured rounds (in % of one CPU), say so.
 const OTHERS_CPU_WARN_PCT: f64 = 10.0;
@@ -88,6 +111,14 @@ struct Cli {
     /// Run only these placements [default: same and cross; only same on a single CPU].
     #[arg(long, value_name = "P", value_delimiter = ',', value_enum)]
     placement: Vec<Placement>,
+
+    /// `--poll-us` of the polling server (`region_read_poll`) and of the servers of the scale test.
+    #[arg(long, value_name = "US", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    poll_us: u32,
+
+    /// Servers started for the scale test (0: skip it).
+    #[arg(long, value_name = "N", default_value_t = SCALE_SERVERS)]
+    scale_servers: usize,
 
     /// Internal: run as the ping-pong peer connected to this socket.
     #[arg(long, value_name = "PATH", hide = true)]
@@ -171,6 +202,8 @@ impl Plan {
 struct Bench {
     echo: UnixStream,
     server: UnixStream,
+    /// The connection to the server started with `--poll-us`.
+    poll: UnixStream,
     id: u16,
     atqbal: u32,
 }
@@ -208,6 +241,18 @@ impl Bench {
             .map_err(|e| format!("REGION_READ config offset 0: {e}"))?;
         if v != CONFIG_ID {
             return Err(format!("REGION_READ config offset 0 returned {v:#010x}, expected {CONFIG_ID:#010x}"));
+        }
+        Ok(ns)
+    }
+
+    fn read_poll(&mut self) -> Result<u64, String> {
+        let id = self.next_id();
+        let (ns, v) = Self::round_trip(&mut self.poll, id, CONFIG_REGION, 0)
+            .map_err(|e| format!("REGION_READ config offset 0 (--poll-us server): {e}"))?;
+        if v != CONFIG_ID {
+            return Err(format!(
+                "REGION_READ config (--poll-us server) returned {v:#010x}, expected {CONFIG_ID:#010x}"
+            ));
         }
         Ok(ns)
     }
@@ -262,9 +307,12 @@ enum Kind {
     RegionReadBar0,
     #[value(name = "posted_write")]
     PostedWrite,
+    #[value(name = "region_read_poll")]
+    RegionReadPoll,
 }
 
-const KINDS: [Kind; 4] = [Kind::Pingpong, Kind::RegionReadConfig, Kind::RegionReadBar0, Kind::PostedWrite];
+const KINDS: [Kind; 5] =
+    [Kind::Pingpong, Kind::RegionReadConfig, Kind::RegionReadBar0, Kind::PostedWrite, Kind::RegionReadPoll];
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -273,6 +321,7 @@ impl Kind {
             Kind::RegionReadConfig => "region_read_config",
             Kind::RegionReadBar0 => "region_read_bar0",
             Kind::PostedWrite => "posted_write",
+            Kind::RegionReadPoll => "region_read_poll",
         }
     }
 }
@@ -283,6 +332,7 @@ fn step(b: &mut Bench, kind: Kind, batch: u32) -> Result<u64, String> {
         Kind::RegionReadConfig => b.read_config(),
         Kind::RegionReadBar0 => b.read_rstat(),
         Kind::PostedWrite => b.posted_batch(batch),
+        Kind::RegionReadPoll => b.read_poll(),
     }
 }
 
@@ -306,13 +356,14 @@ struct Pins {
     cpus: Cpus,
     echo: rustix::process::Pid,
     server: rustix::process::Pid,
+    poll: rustix::process::Pid,
     failures: Vec<String>,
 }
 
 impl Pins {
     fn apply(&mut self, p: Placement) {
         let Some(cpu) = self.cpus.peer(p) else { return };
-        for (who, tid) in [("ping-pong peer", self.echo), ("server", self.server)] {
+        for (who, tid) in [("ping-pong peer", self.echo), ("server", self.server), ("--poll-us server", self.poll)] {
             if let Err(e) = pin(Some(tid), cpu) {
                 let e = format!("placement {}: {who}: {e}", p.name());
                 if !self.failures.contains(&e) {
@@ -404,18 +455,33 @@ fn run(cli: &Cli) -> Result<(), String> {
     let mut server_proc = Proc::spawn("server", cmd, Some(log))?;
     pin_child(&server_proc, cpus, placements[0], &mut failures);
     let mut server = server_proc.connect(&sock)?;
-    let mut pins = Pins { cpus, echo: echo_proc.main_thread(), server: server_proc.main_thread(), failures };
+    // The same with adaptive busy polling.
+    let poll_sock = dir.path().join("vfu-poll.sock");
+    let mut cmd = Command::new(&server_bin);
+    cmd.arg("--socket").arg(&poll_sock).arg("--poll-us").arg(cli.poll_us.to_string()).env("RUST_LOG", "info");
+    let mut poll_proc = Proc::spawn("--poll-us server", cmd, Some(dir.path().join("server-poll.log")))?;
+    pin_child(&poll_proc, cpus, placements[0], &mut failures);
+    let mut poll = poll_proc.connect(&poll_sock)?;
+    let mut pins = Pins {
+        cpus,
+        echo: echo_proc.main_thread(),
+        server: server_proc.main_thread(),
+        poll: poll_proc.main_thread(),
+        failures,
+    };
 
     let result = (|| -> Result<(), String> {
         Sched::of("self")?; // fail early if /proc lacks schedstat
-        for s in [&echo, &server] {
+        for s in [&echo, &server, &poll] {
             s.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| e.to_string())?;
         }
         let caps = negotiate(&mut server, 0)?;
         println!("# negotiated {caps}");
-        let mut b = Bench { echo, server, id: 0, atqbal: 0 };
+        negotiate(&mut poll, 0)?;
+        let mut b = Bench { echo, server, poll, id: 0, atqbal: 0 };
         // Functional checks before anything is timed.
         b.read_config()?;
+        b.read_poll()?;
         b.read_rstat()?;
         b.posted_batch(4)?;
         b.pingpong()?;
@@ -462,10 +528,15 @@ fn run(cli: &Cli) -> Result<(), String> {
                         let r = results.iter_mut().find(|r| r.placement == placement && r.kind == kind).unwrap();
                         let n = if kind == Kind::PostedWrite { plan.batches_per_slice } else { plan.per_slice };
                         // CPU time and context switches of the answering process (peer or server) and of this one.
-                        let answering = if kind == Kind::Pingpong { &echo_proc } else { &server_proc };
+                        let answering = match kind {
+                            Kind::Pingpong => &echo_proc,
+                            Kind::RegionReadPoll => &poll_proc,
+                            _ => &server_proc,
+                        };
                         let before = [answering.sched()?, Sched::of("self")?];
                         let pid = answering.pid().to_string();
                         let sample_every = (n / 10).max(1);
+                        let t0 = Instant::now();
                         for i in 0..n {
                             r.samples.push(step(&mut b, kind, plan.batch)?);
                             // Now and then (untimed): did this round trip run on one CPU or across two? A check
@@ -474,6 +545,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                                 r.placement_seen[usize::from(last_cpu("self")? == last_cpu(&pid)?)] += 1;
                             }
                         }
+                        r.wall_ns += t0.elapsed().as_nanos() as u64;
                         let after = [answering.sched()?, Sched::of("self")?];
                         for j in 0..2 {
                             r.cpu[j].add(&after[j].since(&before[j]));
@@ -481,8 +553,10 @@ fn run(cli: &Cli) -> Result<(), String> {
                     }
                 }
             }
-            if let Some(why) = server_proc.exited() {
-                return Err(why);
+            for p in [&mut server_proc, &mut poll_proc] {
+                if let Some(why) = p.exited() {
+                    return Err(why);
+                }
             }
         }
         let (busy1, total1, ncpus) = machine_ticks()?;
@@ -490,6 +564,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         let others_cpu_pct = 100.0 * (others * ncpus) as f64 / (total1 - total0).max(1) as f64;
         let workers_after = workers_ns(&pin::threads(server_proc.pid())?);
         let (end_rss, end_hwm) = server_proc.rss_kib()?;
+        let poll_run_ticks = process_ticks(&poll_proc.pid().to_string())?;
         let run = Run {
             plan: &plan,
             cpus,
@@ -502,9 +577,32 @@ fn run(cli: &Cli) -> Result<(), String> {
             pin_failures: &pins.failures,
         };
         report(&run);
+
+        // After the interleaved rounds: what they cannot measure.
+        let mut x = Extras::default();
+        let pingpong_median = |p: Placement| {
+            results.iter().find(|r| r.placement == p && r.kind == Kind::Pingpong).map(|r| summarize(&r.samples).median)
+        };
+        // The polling server's CPU time over the whole run (it polled only during its own slices).
+        poll_cpu_over_run(&poll_proc, poll_run_ticks, run_wall(&results))?;
+        // The polling server once its client is idle.
+        idle_cpu(&poll_proc, cli, &mut x)?;
+        for &p in &placements {
+            pins.apply(p);
+            throughput(&mut b, p, &server_proc, cli, pingpong_median(p), &mut x)?;
+            dma_map_unmap(&mut b, p, &mut x)?;
+        }
+        if let Some(why) = server_proc.exited() {
+            return Err(why);
+        }
+        scale(&server_bin, dir.path(), cli, &mut x)?;
+        queues16(&server_bin, dir.path(), &mut x)?;
+        x.print();
         Ok(())
     })();
-    let result = result.map_err(|e| format!("{e}\n{}\n{}", server_proc.diagnose(), echo_proc.diagnose()));
+    let result = result
+        .map_err(|e| format!("{e}\n{}\n{}\n{}", server_proc.diagnose(), poll_proc.diagnose(), echo_proc.diagnose()));
+    drop(poll_proc);
     drop(server_proc);
     drop(echo_proc);
     drop(dir);
@@ -520,11 +618,20 @@ struct Measured {
     cpu: [Sched; 2],
     /// Samples of [client and peer last ran on different CPUs, on the same CPU].
     placement_seen: [u64; 2],
+    /// Wall time of the timed slices.
+    wall_ns: u64,
 }
 
 impl Measured {
     fn new(placement: Placement, kind: Kind) -> Measured {
-        Measured { placement, kind, samples: Vec::new(), cpu: [Sched::default(); 2], placement_seen: [0; 2] }
+        Measured {
+            placement,
+            kind,
+            samples: Vec::new(),
+            cpu: [Sched::default(); 2],
+            placement_seen: [0; 2],
+            wall_ns: 0,
+        }
     }
 }
 
@@ -614,7 +721,7 @@ fn report(run: &Run) {
     for &p in run.placements {
         let get =
             |k: Kind| run.results.iter().find(|r| r.placement == p && r.kind == k).map(|r| (r, summarize(&r.samples)));
-        let [pp, cfg, bar0, batch] = KINDS.map(get);
+        let [pp, cfg, bar0, batch, poll] = KINDS.map(get);
         summary.push(format!(
             "{}: client on CPU {}, peer/server main thread on CPU {}",
             p.name(),
@@ -665,6 +772,43 @@ fn report(run: &Run) {
                     word(met)
                 ));
             }
+            summary.push(line);
+        }
+        if let Some((r, s)) = &poll {
+            bench_line("region_read_poll", p, s, " region=7 offset=0x0 count=4 server=--poll-us");
+            cpu_line("region_read_poll", "server", r, s.iters);
+            // The polling server's main thread: on-CPU time over the wall time of its slices.
+            let busy = 100.0 * r.cpu[0].cpu_ns as f64 / r.wall_ns.max(1) as f64;
+            println!(
+                "cpu name=region_read_poll_server placement={} server_busy_pct={busy:.0} server_cpu_ns={} wall_ns={}",
+                p.name(),
+                r.cpu[0].cpu_ns,
+                r.wall_ns
+            );
+            let mut line = format!("  REGION_READ config, --poll-us server:       {} [{}]", us(s.median), us(s.p99));
+            if let Some((_, base)) = &pp {
+                let ratio = s.median as f64 / base.median as f64;
+                println!(
+                    "ratio name=region_read_poll placement={} vs=pingpong value={ratio:.3} delta_ns={} \
+                     same_cpu_pct={:.0}",
+                    p.name(),
+                    s.median as i64 - base.median as i64,
+                    same_cpu_pct(r)
+                );
+                line.push_str(&format!("  = {ratio:.2}x ping-pong"));
+                if p == Placement::Cross {
+                    let met = ratio <= POLL_RATIO_TARGET;
+                    target_line(
+                        "region_read_poll_vs_pingpong",
+                        Some(p),
+                        format!("{ratio:.3}"),
+                        POLL_RATIO_TARGET.to_string(),
+                        met,
+                    );
+                    line.push_str(&format!(" (target <= {POLL_RATIO_TARGET}: {})", word(met)));
+                }
+            }
+            line.push_str(&format!("; server thread busy {busy:.0}% of the time"));
             summary.push(line);
         }
         if let Some((r, s)) = &batch {
@@ -731,4 +875,435 @@ fn report(run: &Run) {
     for w in warnings {
         println!("# WARNING: {w}");
     }
+}
+
+/// What runs after the interleaved rounds: its summary lines.
+#[derive(Default)]
+struct Extras {
+    summary: Vec<String>,
+}
+
+impl Extras {
+    fn print(&self) {
+        println!("#");
+        println!("# Polling, throughput, DMA mappings, scale:");
+        for l in &self.summary {
+            println!("#   {l}");
+        }
+    }
+}
+
+fn met_word(m: bool) -> &'static str {
+    if m {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// Wall time of all the timed slices of the interleaved rounds.
+fn run_wall(results: &[Measured]) -> u64 {
+    results.iter().map(|r| r.wall_ns).sum()
+}
+
+/// The `--poll-us` server's user + system time (all threads, /proc/<pid>/stat) over the warm-up and the measured
+/// rounds, against the wall time of the timed slices (it polls only during and right after its own).
+fn poll_cpu_over_run(p: &Proc, ticks_at_end: u64, wall_ns: u64) -> Result<(), String> {
+    let tick_ns = 1e9 / USER_HZ as f64;
+    let cpu_ns = (ticks_at_end as f64 * tick_ns) as u64;
+    println!(
+        "cpu name=poll_server_whole_run utime_stime_ms={} timed_wall_ms={} pid={}",
+        cpu_ns / 1_000_000,
+        wall_ns / 1_000_000,
+        p.pid()
+    );
+    Ok(())
+}
+
+/// Sum of the on-CPU time (schedstat, ns) of every thread of these processes.
+fn cpu_ns_all_threads(pids: &[u32]) -> Result<u64, String> {
+    let mut sum = 0;
+    for &pid in pids {
+        sum += pin::threads(pid)?.iter().map(|t| t.cpu_ns).sum::<u64>();
+    }
+    Ok(sum)
+}
+
+/// User + system time of these processes (all threads), clock ticks.
+fn ticks_of(pids: &[u32]) -> Result<u64, String> {
+    pids.iter().map(|p| process_ticks(&p.to_string())).sum()
+}
+
+/// CPU used by `pids` over `over`: (schedstat ns of all threads, utime+stime ticks).
+fn cpu_over(pids: &[u32], over: Duration) -> Result<(u64, u64), String> {
+    let (ns0, t0) = (cpu_ns_all_threads(pids)?, ticks_of(pids)?);
+    std::thread::sleep(over);
+    Ok((cpu_ns_all_threads(pids)?.saturating_sub(ns0), ticks_of(pids)?.saturating_sub(t0)))
+}
+
+/// The `--poll-us` server with its client connected and idle: it must sleep, not spin.
+fn idle_cpu(p: &Proc, cli: &Cli, x: &mut Extras) -> Result<(), String> {
+    std::thread::sleep(Duration::from_millis(50)); // well past the polling window
+    let over = Duration::from_secs(1);
+    let (ns, ticks) = cpu_over(&[p.pid()], over)?;
+    let pct = 100.0 * ns as f64 / over.as_nanos() as f64;
+    println!(
+        "cpu name=poll_server_idle poll_us={} client=connected_idle over_ms={} cpu_ns={ns} utime_stime_ticks={ticks} \
+         cpu_pct={pct:.3}",
+        cli.poll_us,
+        over.as_millis()
+    );
+    let met = pct <= IDLE_CPU_TARGET_PCT;
+    target_line("poll_server_idle_cpu_pct", None, format!("{pct:.3}"), IDLE_CPU_TARGET_PCT.to_string(), met);
+    x.summary.push(format!(
+        "--poll-us {} server, client connected and idle, over {} ms: {} us of CPU = {pct:.3}% of a CPU \
+         (target <= {IDLE_CPU_TARGET_PCT}%: {})",
+        cli.poll_us,
+        over.as_millis(),
+        ns / 1000,
+        met_word(met)
+    ));
+    Ok(())
+}
+
+/// No byte may be waiting on `s` (a reply to a posted write would be).
+fn nothing_pending(s: &UnixStream) -> Result<(), String> {
+    let mut probe = [0u8; 1];
+    match rustix::net::recv(s, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Err(rustix::io::Errno::AGAIN) => Ok(()),
+        Ok((0, _)) => Err("the server closed the connection".into()),
+        Ok(_) => Err("unexpected data after the REGION_READ reply (a reply to a posted write?)".into()),
+        Err(e) => Err(format!("recv: {e}")),
+    }
+}
+
+/// Posted REGION_WRITE and REGION_WRITE_MULTI throughput: `n` writes to ATQBAL streamed as fast as the socket
+/// takes them, then one REGION_READ that must return the last value. Rate = n / (time until that read's reply);
+/// the server thread's CPU time per write from its schedstat.
+fn throughput(
+    b: &mut Bench,
+    p: Placement,
+    server: &Proc,
+    cli: &Cli,
+    pingpong_ns: Option<u64>,
+    x: &mut Extras,
+) -> Result<(), String> {
+    let n: usize = if cli.quick { 100_000 } else { 1_000_000 };
+    const CHUNK: usize = 1000; // writes per write(2): 36 KB of REGION_WRITE, 5 REGION_WRITE_MULTI of 200
+    const MULTI: usize = 200; // QEMU's VFIO_USER_MULTI_MAX, the server's limit
+    let single: Vec<u8> = (0..CHUNK)
+        .flat_map(|i| posted_write(i as u16, BAR0_REGION, VF_ATQBAL1, (i as u32 + 1) * ATQBAL_STEP))
+        .collect();
+    let multi: Vec<u8> = (0..CHUNK / MULTI)
+        .flat_map(|m| {
+            let w: Vec<(u32, u64, u32)> =
+                (0..MULTI).map(|i| (BAR0_REGION, VF_ATQBAL1, ((m * MULTI + i) as u32 + 1) * ATQBAL_STEP)).collect();
+            posted_write_multi(m as u16, &w)
+        })
+        .collect();
+    let last = CHUNK as u32 * ATQBAL_STEP;
+    let mut rates = Vec::new();
+    for (name, buf) in [("posted_write_rate", &single), ("posted_write_multi_rate", &multi)] {
+        // A short untimed run first.
+        for round in [n / 20, n] {
+            let before = server.sched()?;
+            let t0 = Instant::now();
+            for _ in 0..round.div_ceil(CHUNK) {
+                b.server.write_all(buf).map_err(|e| format!("{name}: write: {e}"))?;
+            }
+            let id = b.next_id();
+            let (_, v) = Bench::round_trip(&mut b.server, id, BAR0_REGION, VF_ATQBAL1)
+                .map_err(|e| format!("{name}: REGION_READ after the posted writes: {e}"))?;
+            let ns = t0.elapsed().as_nanos() as u64;
+            let cpu = server.sched()?.since(&before);
+            if v != last {
+                return Err(format!("{name}: ATQBAL reads {v:#x} after posted writes, last written {last:#x}"));
+            }
+            nothing_pending(&b.server)?;
+            if round != n {
+                continue;
+            }
+            let writes = round.div_ceil(CHUNK) * CHUNK;
+            let rate = writes as f64 * 1e9 / ns as f64;
+            let cpu_per = cpu.cpu_ns as f64 / writes as f64;
+            let per_cpu_s = writes as f64 * 1e9 / cpu.cpu_ns.max(1) as f64;
+            let vs = pingpong_ns.map(|pp| rate / (1e9 / pp as f64));
+            println!(
+                "bench name={name} placement={} writes={writes} wall_ns={ns} writes_per_s={rate:.0} \
+                 server_cpu_ns_per_write={cpu_per:.0} writes_per_server_cpu_s={per_cpu_s:.0} server_vcsw={}{}",
+                p.name(),
+                cpu.vcsw,
+                if name == "posted_write_multi_rate" { format!(" per_message={MULTI}") } else { String::new() }
+            );
+            if let Some(v) = vs {
+                println!("ratio name={name} placement={} vs=pingpong_round_trips_per_s value={v:.1}", p.name());
+            }
+            rates.push((name, rate, per_cpu_s, vs));
+        }
+    }
+    let [(_, single_rate, single_cpu, single_vs), (_, multi_rate, multi_cpu, _)] = rates[..] else { unreachable!() };
+    // "On one server core": writes per second of the server thread's CPU time, which other work on a shared
+    // machine does not dilute (the wall-clock rate beside it does: it is what the scheduler let the thread run).
+    // In `cross` the server's thread has a CPU of its own.
+    let met = single_cpu >= POSTED_RATE_TARGET;
+    if p == Placement::Cross {
+        println!(
+            "target name=posted_write_rate_per_server_core placement={} value={single_cpu:.0} \
+             min={POSTED_RATE_TARGET:.0} {}",
+            p.name(),
+            if met { "met" } else { "missed" }
+        );
+    }
+    x.summary.push(format!(
+        "{}: posted REGION_WRITE {:.2} M/s wall clock, {:.2} M per server CPU-second ({:.0}x the ping-pong rate){}; \
+         REGION_WRITE_MULTI of {MULTI}: {:.2} M writes/s ({:.2} M per server CPU-second)",
+        p.name(),
+        single_rate / 1e6,
+        single_cpu / 1e6,
+        single_vs.unwrap_or(0.0),
+        if p == Placement::Cross {
+            format!(" (target >= {:.0} M per server core-second: {})", POSTED_RATE_TARGET / 1e6, met_word(met))
+        } else {
+            String::new()
+        },
+        multi_rate / 1e6,
+        multi_cpu / 1e6
+    ));
+    Ok(())
+}
+
+/// One request on the default server and its reply (header and `reply_len` bytes): the round-trip time.
+fn timed_request(
+    b: &mut Bench,
+    req: &[u8],
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    reply_len: usize,
+) -> Result<u64, String> {
+    let h = Header::parse(req);
+    let mut buf = [0u8; 64];
+    let t0 = Instant::now();
+    match fd {
+        Some(fd) => send_with_fd(&b.server, req, fd)?,
+        None => b.server.write_all(req).map_err(|e| format!("write: {e}"))?,
+    }
+    let len = read_message(&mut b.server, &mut buf[..reply_len])?;
+    let ns = t0.elapsed().as_nanos() as u64;
+    check_reply(&Header::parse(&buf), h.id, h.cmd)?;
+    if len != reply_len {
+        return Err(format!("reply to command {} of {len} bytes, expected {reply_len}", h.cmd));
+    }
+    if h.cmd == CMD_DMA_UNMAP && buf[HEADER_SIZE..len] != req[HEADER_SIZE..] {
+        return Err("DMA_UNMAP reply does not echo the request".into());
+    }
+    Ok(ns)
+}
+
+/// DMA_MAP of 10,000 4 KiB pieces of one memfd (each with the fd, as QEMU maps RAM), then DMA_UNMAP of each, every
+/// request timed beside a REGION_READ of config space timed just before it.
+fn dma_map_unmap(b: &mut Bench, p: Placement, x: &mut Extras) -> Result<(), String> {
+    let n = DMA_REGIONS;
+    let memfd = rustix::fs::memfd_create("vfu-bench-dma", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| format!("memfd_create: {e}"))?;
+    rustix::fs::ftruncate(&memfd, n * 4096).map_err(|e| format!("ftruncate: {e}"))?;
+    const IOVA: u64 = 0x1_0000_0000;
+    let iova = |i: u64| IOVA + i * 0x2000; // a hole after each, so no two regions touch
+    let (mut reads, mut maps, mut unmaps) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        reads.push(b.read_config()?);
+        let id = b.next_id();
+        let req = dma_map_request(id, DMA_RW, i * 4096, iova(i), 4096);
+        maps.push(timed_request(b, &req, Some(memfd.as_fd()), HEADER_SIZE).map_err(|e| format!("DMA_MAP {i}: {e}"))?);
+    }
+    for i in 0..n {
+        reads.push(b.read_config()?);
+        let id = b.next_id();
+        let req = dma_unmap_request(id, iova(i), 4096);
+        unmaps.push(timed_request(b, &req, None, req.len()).map_err(|e| format!("DMA_UNMAP {i}: {e}"))?);
+    }
+    let read = summarize(&reads);
+    bench_line("dma_region_read", p, &read, " region=7 offset=0x0 count=4 interleaved_with=dma_map,dma_unmap");
+    let mut line =
+        format!("{}: {n} x 4 KiB with an fd, per op (REGION_READ beside them {}):", p.name(), us(read.median));
+    for (name, v) in [("dma_map", &maps), ("dma_unmap", &unmaps)] {
+        let s = summarize(v);
+        // The first and the last 1,000: does a request cost more as the table fills?
+        let (first, last) = (summarize(&v[..1000.min(v.len())]), summarize(&v[v.len().saturating_sub(1000)..]));
+        bench_line(
+            name,
+            p,
+            &s,
+            &format!(
+                " size=4096 fd=memfd regions={n} first1000_median_ns={} last1000_median_ns={}",
+                first.median, last.median
+            ),
+        );
+        let ratio = s.median as f64 / read.median as f64;
+        println!("ratio name={name} placement={} vs=region_read value={ratio:.3}", p.name());
+        let met = ratio <= DMA_RATIO_TARGET;
+        target_line(
+            &format!("{name}_vs_region_read"),
+            Some(p),
+            format!("{ratio:.3}"),
+            DMA_RATIO_TARGET.to_string(),
+            met,
+        );
+        line.push_str(&format!(" {name} {} = {ratio:.2}x ({});", us(s.median), met_word(met)));
+    }
+    x.summary.push(line);
+    Ok(())
+}
+
+use std::os::fd::AsFd;
+
+/// 64 servers with `--poll-us`, each with a client that negotiated, sent 100 requests and went idle: CPU over 2 s
+/// (1 s with --quick) and RSS.
+fn scale(server_bin: &Path, dir: &Path, cli: &Cli, x: &mut Extras) -> Result<(), String> {
+    let count = cli.scale_servers;
+    if count == 0 {
+        return Ok(());
+    }
+    let mut procs = Vec::new();
+    let mut conns = Vec::new();
+    let result = (|| -> Result<(), String> {
+        for i in 0..count {
+            let sock = dir.join(format!("scale-{i}.sock"));
+            let mut cmd = Command::new(server_bin);
+            cmd.arg("--socket").arg(&sock).arg("--poll-us").arg(cli.poll_us.to_string()).env("RUST_LOG", "warn");
+            procs.push(Proc::spawn("scale server", cmd, Some(dir.join(format!("scale-{i}.log"))))?);
+        }
+        for (i, p) in procs.iter_mut().enumerate() {
+            let mut c = p.connect(&dir.join(format!("scale-{i}.sock")))?;
+            c.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| e.to_string())?;
+            negotiate(&mut c, 0)?;
+            for id in 1..=100u16 {
+                Bench::round_trip(&mut c, id, CONFIG_REGION, 0)?;
+            }
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
+        let over = Duration::from_secs(if cli.quick { 1 } else { 2 });
+        let (ns, ticks) = cpu_over(&pids, over)?;
+        let pct = 100.0 * ns as f64 / over.as_nanos() as f64;
+        let (mut rss, mut pss, mut anon) = (Vec::new(), 0, 0);
+        for p in &procs {
+            rss.push(p.rss_kib()?.0);
+            let (ps, an) = procs::pss_anon_kib(p.pid())?;
+            (pss, anon) = (pss + ps, anon + an);
+        }
+        let avg = rss.iter().sum::<u64>() / rss.len() as u64;
+        let max = *rss.iter().max().unwrap_or(&0);
+        for p in procs.iter_mut() {
+            if let Some(why) = p.exited() {
+                return Err(why);
+            }
+        }
+        println!(
+            "cpu name=scale_idle servers={count} poll_us={} client=connected_idle over_ms={} cpu_ns={ns} \
+             utime_stime_ticks={ticks} cpu_pct={pct:.3}",
+            cli.poll_us,
+            over.as_millis()
+        );
+        println!(
+            "rss name=scale_idle servers={count} avg_vmrss_kib={avg} max_vmrss_kib={max} total_pss_kib={pss} \
+             avg_pss_kib={} avg_rss_anon_kib={}",
+            pss / count as u64,
+            anon / count as u64
+        );
+        let cpu_met = pct <= IDLE_CPU_TARGET_PCT;
+        let rss_met = avg <= SCALE_RSS_TARGET_KIB;
+        target_line("scale_idle_cpu_pct", None, format!("{pct:.3}"), IDLE_CPU_TARGET_PCT.to_string(), cpu_met);
+        target_line("scale_idle_rss_kib", None, avg.to_string(), SCALE_RSS_TARGET_KIB.to_string(), rss_met);
+        x.summary.push(format!(
+            "{count} idle servers with --poll-us {} (clients connected, idle): {} us of CPU in {} ms = {pct:.3}% of \
+             a CPU (target <= {IDLE_CPU_TARGET_PCT}%: {}); RSS {avg} KiB each on average, {max} max (target <= \
+             {SCALE_RSS_TARGET_KIB}: {}); all {count} together {} MiB proportional (PSS), {} KiB private heap and \
+             stacks (RssAnon) each",
+            cli.poll_us,
+            ns / 1000,
+            over.as_millis(),
+            met_word(cpu_met),
+            met_word(rss_met),
+            pss / 1024,
+            anon / count as u64
+        ));
+        Ok(())
+    })();
+    drop(conns);
+    drop(procs);
+    result
+}
+
+/// The driver model's view for [`queues16`]: BAR0 and config space through the socket, guest memory straight from
+/// the memfd the server maps.
+struct MemBus {
+    c: client_tests::Client,
+    mem: std::fs::File,
+    base: u64,
+}
+
+impl testkit::Bus for MemBus {
+    fn read32(&mut self, off: u64) -> u32 {
+        self.c.read32(BAR0_REGION, off)
+    }
+    fn write32(&mut self, off: u64, v: u32) {
+        self.c.write32(BAR0_REGION, off, v)
+    }
+    fn config_write16(&mut self, off: u64, v: u16) {
+        self.c.region_write(CONFIG_REGION, off, &v.to_le_bytes()).ok("config write");
+    }
+    fn mem_read(&mut self, addr: u64, buf: &mut [u8]) {
+        use std::os::unix::fs::FileExt;
+        self.mem.read_exact_at(buf, addr - self.base).expect("guest memory read");
+    }
+    fn mem_write(&mut self, addr: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        self.mem.write_all_at(data, addr - self.base).expect("guest memory write");
+    }
+}
+
+/// One server with `--queues 16`: its RSS idle, and after the driver model brought all 16 queue pairs up (rings
+/// of 512 descriptors in 4 MiB of memfd memory mapped with DMA_MAP).
+fn queues16(server_bin: &Path, dir: &Path, x: &mut Extras) -> Result<(), String> {
+    const BASE: u64 = 0x40_0000;
+    const SIZE: u64 = 4 << 20;
+    let sock = dir.join("q16.sock");
+    let mut cmd = Command::new(server_bin);
+    cmd.arg("--socket").arg(&sock).args(["--queues", "16", "--backend", "loopback"]).env("RUST_LOG", "warn");
+    let mut p = Proc::spawn("--queues 16 server", cmd, Some(dir.join("q16.log")))?;
+    drop(p.connect(&sock)?); // up; that first client leaves at once
+    std::thread::sleep(Duration::from_millis(50));
+    let (idle, _) = p.rss_kib()?;
+    let memfd = rustix::fs::memfd_create("vfu-bench-q16", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| format!("memfd_create: {e}"))?;
+    rustix::fs::ftruncate(&memfd, SIZE).map_err(|e| format!("ftruncate: {e}"))?;
+    let mut c = client_tests::Client::connect(&sock).map_err(|e| format!("connecting to {}: {e}", sock.display()))?;
+    c.negotiate();
+    c.dma_map(BASE, SIZE, DMA_RW, Some((memfd.as_fd(), 0))).ok("DMA_MAP the memfd");
+    c.enable_bus_master();
+    let mem = std::fs::File::from(memfd);
+    let mut d = testkit::DriverModel::new(MemBus { c, mem, base: BASE }, BASE);
+    if !d.wait_active(Duration::from_secs(2)) {
+        return Err("--queues 16 server: VFGEN_RSTAT never read VFACTIVE".into());
+    }
+    let res = d.bring_up(16, BASE + 0x10_0000);
+    let pairs = u16::from_le_bytes([res[2], res[3]]);
+    if pairs != 16 {
+        return Err(format!("--queues 16 server offered {pairs} queue pairs"));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let (up, hwm) = p.rss_kib()?;
+    if let Some(why) = p.exited() {
+        return Err(why);
+    }
+    println!("rss name=queues16 queue_pairs=16 idle_vmrss_kib={idle} up_vmrss_kib={up} vmhwm_kib={hwm} traffic=none");
+    let met = hwm <= QUEUES16_RSS_TARGET_KIB;
+    target_line("queues16_rss_kib", None, hwm.to_string(), QUEUES16_RSS_TARGET_KIB.to_string(), met);
+    x.summary.push(format!(
+        "--queues 16: RSS {idle} KiB idle, {up} KiB with 16 queue pairs up (peak {hwm} KiB; target <= \
+         {QUEUES16_RSS_TARGET_KIB}: {}; no traffic)",
+        met_word(met)
+    ));
+    drop(d);
+    Ok(())
 }

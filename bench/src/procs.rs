@@ -155,6 +155,20 @@ impl Proc {
     }
 }
 
+/// Memory of process `pid` beyond VmRSS, in KiB: (Pss from /proc/<pid>/smaps_rollup: its share of pages mapped by
+/// several processes, such as the executable's text when many servers run; RssAnon from /proc/<pid>/status: its
+/// own heap and stacks).
+pub fn pss_anon_kib(pid: u32) -> Result<(u64, u64), String> {
+    let field = |path: &str, key: &str| -> Result<u64, String> {
+        let text = fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("{path}: no {key} line"))
+    };
+    Ok((field(&format!("/proc/{pid}/smaps_rollup"), "Pss:")?, field(&format!("/proc/{pid}/status"), "RssAnon:")?))
+}
+
 /// A thread's on-CPU time (ns, from schedstat) and its voluntary (blocked) and involuntary (preempted) context
 /// switches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -7,7 +7,12 @@ use std::os::unix::net::UnixStream;
 pub const HEADER_SIZE: usize = 16;
 pub const CMD_VERSION: u16 = 1;
 pub const CMD_REGION_READ: u16 = 9;
+pub const CMD_DMA_MAP: u16 = 2;
+pub const CMD_DMA_UNMAP: u16 = 3;
 pub const CMD_REGION_WRITE: u16 = 10;
+pub const CMD_REGION_WRITE_MULTI: u16 = 15;
+/// DMA_MAP flags: READ | WRITE.
+pub const DMA_RW: u32 = 3;
 pub const TYPE_REPLY: u32 = 1;
 pub const FLAG_NO_REPLY: u32 = 1 << 4;
 pub const FLAG_ERROR: u32 = 1 << 5;
@@ -83,6 +88,61 @@ pub fn posted_write(id: u16, region: u32, offset: u64, value: u32) -> [u8; WRITE
     access_fields(&mut b, offset, region, 4);
     b[32..36].copy_from_slice(&value.to_le_bytes());
     b
+}
+
+/// A posted (no_reply) REGION_WRITE_MULTI of 4-byte writes: header + {u64 wr_cnt} + per write {u64 offset,
+/// u32 region, u32 count, 8 data bytes}.
+pub fn posted_write_multi(id: u16, writes: &[(u32, u64, u32)]) -> Vec<u8> {
+    let size = HEADER_SIZE + 8 + 24 * writes.len();
+    let mut b = vec![0u8; size];
+    Header { id, cmd: CMD_REGION_WRITE_MULTI, size: size as u32, flags: FLAG_NO_REPLY, errno: 0 }.write_to(&mut b);
+    b[16..24].copy_from_slice(&(writes.len() as u64).to_le_bytes());
+    for (i, &(region, offset, value)) in writes.iter().enumerate() {
+        let e = &mut b[24 + 24 * i..48 + 24 * i];
+        e[0..8].copy_from_slice(&offset.to_le_bytes());
+        e[8..12].copy_from_slice(&region.to_le_bytes());
+        e[12..16].copy_from_slice(&4u32.to_le_bytes());
+        e[16..20].copy_from_slice(&value.to_le_bytes());
+    }
+    b
+}
+
+/// A DMA_MAP request: header + {u32 argsz 32, u32 flags, u64 fd offset, u64 iova, u64 size}; its fd (if any)
+/// goes with it as SCM_RIGHTS.
+pub fn dma_map_request(id: u16, flags: u32, offset: u64, iova: u64, size: u64) -> [u8; HEADER_SIZE + 32] {
+    let mut b = [0u8; HEADER_SIZE + 32];
+    Header { id, cmd: CMD_DMA_MAP, size: b.len() as u32, flags: 0, errno: 0 }.write_to(&mut b);
+    b[16..20].copy_from_slice(&32u32.to_le_bytes());
+    b[20..24].copy_from_slice(&flags.to_le_bytes());
+    b[24..32].copy_from_slice(&offset.to_le_bytes());
+    b[32..40].copy_from_slice(&iova.to_le_bytes());
+    b[40..48].copy_from_slice(&size.to_le_bytes());
+    b
+}
+
+/// A DMA_UNMAP request: header + {u32 argsz 24, u32 flags 0, u64 iova, u64 size}; the reply echoes the payload.
+pub fn dma_unmap_request(id: u16, iova: u64, size: u64) -> [u8; HEADER_SIZE + 24] {
+    let mut b = [0u8; HEADER_SIZE + 24];
+    Header { id, cmd: CMD_DMA_UNMAP, size: b.len() as u32, flags: 0, errno: 0 }.write_to(&mut b);
+    b[16..20].copy_from_slice(&24u32.to_le_bytes());
+    b[24..32].copy_from_slice(&iova.to_le_bytes());
+    b[32..40].copy_from_slice(&size.to_le_bytes());
+    b
+}
+
+/// Sends one message with `fd` attached to its first byte (SCM_RIGHTS), all of it in one sendmsg.
+pub fn send_with_fd(s: &UnixStream, msg: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+    let n =
+        sendmsg(s, &[io::IoSlice::new(msg)], &mut cmsg, SendFlags::NOSIGNAL).map_err(|e| format!("sendmsg: {e}"))?;
+    if n != msg.len() {
+        return Err(format!("sendmsg sent {n} of {} bytes", msg.len()));
+    }
+    Ok(())
 }
 
 /// Reads one reply of at most `buf.len()` bytes: normally a single read(2), like the ping-pong peer's. Only one

@@ -32,8 +32,9 @@ pub(crate) struct Dev {
     /// MSI-X table and PBA (state) with the client's eventfds (resources).
     pub irq: Interrupts,
     pub nic: NicState,
-    /// Frames waiting for RX buffers, per queue: a NIC's internal FIFO, not saved (counted as dropped on save).
-    pub rx_backlog: Vec<VecDeque<Vec<u8>>>,
+    /// Frames waiting for RX buffers, per queue, each with the RSS hash it was steered by: a NIC's internal FIFO,
+    /// not saved (counted as dropped on save).
+    pub rx_backlog: Vec<VecDeque<(Vec<u8>, Option<u32>)>>,
     /// Where transmitted frames go.
     pub sink: Arc<dyn FrameSink>,
     /// The only storage of the registers in BAR0's doorbell pages (a memfd the client may map).
@@ -572,12 +573,19 @@ impl Core {
     /// Moves the port's drop counts into the statistics (the worker does this as frames pass; pause and save do it
     /// so nothing counted is missing from the state).
     pub fn fold_port_drops(&self, d: &mut Dev) {
-        let full = self.rx_gate.dropped.swap(0, Ordering::AcqRel);
+        // A load first: these are almost always zero, and a swap is a locked instruction on every frame.
+        let full = match self.rx_gate.dropped.load(Ordering::Acquire) {
+            0 => 0,
+            _ => self.rx_gate.dropped.swap(0, Ordering::AcqRel),
+        };
         if full > 0 {
             d.nic.pf.stats.rx_discards += full;
             log::warn!("{full} received frames dropped: {RX_IN_FLIGHT} already waiting for the datapath worker");
         }
-        let paused = self.rx_gate.dropped_paused.swap(0, Ordering::AcqRel);
+        let paused = match self.rx_gate.dropped_paused.load(Ordering::Acquire) {
+            0 => 0,
+            _ => self.rx_gate.dropped_paused.swap(0, Ordering::AcqRel),
+        };
         if paused > 0 {
             d.nic.pf.stats.rx_discards += paused;
             d.nic.counters.rx_dropped_paused += paused;

@@ -156,7 +156,13 @@ impl FrameSink for CheckSink {
 /// A device without workers, so each engine runs on the caller's thread.
 fn shared(queue_pairs: u16, mem: GuestMem) -> Core {
     let core = Core::new(VfConfig { queue_pairs, ..Default::default() }, mem);
-    core.lock().sink = Arc::new(CheckSink::default());
+    {
+        let mut st = core.lock();
+        st.sink = Arc::new(CheckSink::default());
+        // The engines do no DMA without bus mastering (a guest driver turns it on before using the rings).
+        st.config.write(crate::pci::config::CMD, &crate::pci::config::CMD_BUS_MASTER.to_le_bytes());
+        assert!(st.bus_master(), "bus mastering did not turn on");
+    }
     core
 }
 

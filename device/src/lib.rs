@@ -27,6 +27,8 @@ mod vf;
 mod vfio;
 
 #[doc(hidden)]
+pub mod bench;
+#[doc(hidden)]
 pub mod fuzz;
 
 pub use cfg::{Doorbells, VfConfig, MAX_QUEUE_PAIRS, MSIX_VECTORS};

@@ -2,6 +2,8 @@
 //! [`device::VfioDevice`].
 
 pub mod backend;
+#[doc(hidden)]
+pub mod bench;
 pub mod conn;
 pub mod control;
 pub mod dma;

@@ -32,6 +32,9 @@ const SIGNAL: Token = Token(3);
 const MAX_QUEUED_OUTPUT: usize = 8 << 20;
 /// Commands a client may pipeline behind a migration transition that waits for the device, in bytes.
 const MAX_HELD_INPUT: usize = 8 << 20;
+/// --poll-us: the longest stretch spent reading the client socket directly before the loop polls everything else
+/// (waker, signals, listener) again.
+const SPIN_SLICE: Duration = Duration::from_micros(10);
 
 /// Where clients come from.
 pub enum Endpoint {
@@ -100,6 +103,10 @@ pub struct Server<D: VfioDevice> {
     /// The control socket's requests (`--control`) and the device-specific part of answering them.
     ctl_rx: Option<Receiver<Call>>,
     ctl_fn: Option<ControlFn<D>>,
+    /// `--poll-us`: after client input, how long to keep polling before sleeping in epoll.
+    poll_window: Option<Duration>,
+    /// The current polling window ends here (set by client input, cleared once it passes idle).
+    poll_until: Option<Instant>,
     /// Last, so it is dropped after the session and the DMA channel: its workers may be waiting on them.
     device: D,
 }
@@ -138,6 +145,8 @@ impl<D: VfioDevice> Server<D> {
             faults: Arc::default(),
             ctl_rx: None,
             ctl_fn: None,
+            poll_window: None,
+            poll_until: None,
             device,
         };
         match endpoint {
@@ -155,6 +164,17 @@ impl<D: VfioDevice> Server<D> {
         self.poll.registry().register(&mut pipe, SIGNAL, Interest::READABLE)?;
         self.signals = Some(pipe);
         Ok(())
+    }
+
+    /// Adaptive busy polling (`--poll-us`): after the client sent something, the loop does not sleep for up to
+    /// `window`: it alternates non-blocking reads of the client socket (yielding the CPU between them) with an
+    /// epoll at a zero timeout at least every [`SPIN_SLICE`], so the waker (DMA requests, device transitions, the
+    /// control socket), signals, the listener and slow-mmio deadlines are served as usual. Each message from the
+    /// client starts the window again. Once a window passes without client input the loop sleeps in epoll as
+    /// without polling, so an idle server uses no CPU. `ZERO`: off (the default).
+    pub fn set_poll(&mut self, window: Duration) {
+        self.poll_window = (!window.is_zero()).then_some(window);
+        self.poll_until = None;
     }
 
     pub fn device(&self) -> &D {
@@ -230,19 +250,31 @@ impl<D: VfioDevice> Server<D> {
                 log::info!("the inherited connection closed: exiting");
                 return Ok(());
             }
-            if let Err(e) = self.poll.poll(&mut events, self.poll_timeout()) {
+            let timeout = if self.polling() { Some(Duration::ZERO) } else { self.poll_timeout() };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
             self.check_idle();
+            if events.is_empty() && self.poll_until.is_some() {
+                // --poll-us and nothing happened: try the socket itself for a few microseconds (a request that
+                // arrives now is read at once, without another epoll_wait on its path), then go round again.
+                self.spin_on_client();
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER if self.session.is_some() => self.note_waiting_client(),
                     LISTENER => {} // accepted below
                     // A hang-up that came with the last bytes raises no later edge: read until the end then.
-                    CLIENT => self.service_client(ev.is_read_closed() || ev.is_error()),
+                    CLIENT => {
+                        self.service_client(ev.is_read_closed() || ev.is_error());
+                        // --poll-us: the client is active, so its next message is likely close behind.
+                        if let (Some(w), true) = (self.poll_window, self.session.is_some()) {
+                            self.poll_until = Some(Instant::now() + w);
+                        }
+                    }
                     WAKER => {
                         self.send_dma_requests();
                         self.finish_transition();
@@ -259,6 +291,47 @@ impl<D: VfioDevice> Server<D> {
             self.drain_held();
             self.flush();
             self.accept_waiting();
+        }
+    }
+
+    /// Within a `--poll-us` window: poll without sleeping. A window that has passed is forgotten, so the loop
+    /// sleeps until the client (or anything else) wakes it.
+    fn polling(&mut self) -> bool {
+        let Some(until) = self.poll_until else { return false };
+        if self.session.is_some() && Instant::now() < until {
+            return true;
+        }
+        self.poll_until = None;
+        false
+    }
+
+    /// Non-blocking reads of the client socket for up to [`SPIN_SLICE`] (or to the end of the polling window),
+    /// yielding the CPU between them to anything else runnable on it (the client itself, when it shares the CPU).
+    /// Returns as soon as input arrives (handled, replies flushed) so the loop's other duties come next.
+    fn spin_on_client(&mut self) {
+        let Some(until) = self.poll_until else { return };
+        let stop = until.min(Instant::now() + SPIN_SLICE);
+        loop {
+            let Some(s) = &self.session else { return };
+            if s.paused || s.closing || s.stalled {
+                return;
+            }
+            let before = s.last_input;
+            self.service_client(false);
+            match &self.session {
+                Some(s) if s.last_input != before => {
+                    if let Some(w) = self.poll_window {
+                        self.poll_until = Some(Instant::now() + w);
+                    }
+                    return;
+                }
+                Some(_) => {}
+                None => return,
+            }
+            if Instant::now() >= stop {
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 

@@ -85,6 +85,11 @@ struct Cli {
     #[arg(long, value_name = "S")]
     seconds: Option<f64>,
 
+    /// Frames part: measure a fixed number of frames instead of a time (after a warm-up of N/8 frames), so an
+    /// instruction count (valgrind --tool=callgrind) is for a known number of frames. Replaces --seconds.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(8..))]
+    frames: Option<u64>,
+
     /// Rounds of frames measurements (every size and memory kind per round, order rotated) [default: 3, --quick 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: Option<u32>,
@@ -592,6 +597,8 @@ struct FramesRun {
     worker_sleeps_per_frame: f64,
     /// Other processes' CPU use during the measurement, in % of one CPU.
     others_cpu_pct: f64,
+    /// Frames sent (and received) in all, warm-up and drain included.
+    posted: u64,
 }
 
 /// Ring indices and counters of the driver loop.
@@ -707,7 +714,15 @@ fn pass(
     Ok(progress)
 }
 
-fn run_frames(kind: MemKind, wire_len: usize, secs: f64, batch: u32, worker_cpu: Option<usize>) -> Res<FramesRun> {
+/// How long one frames measurement lasts.
+#[derive(Clone, Copy)]
+enum Span {
+    Seconds(f64),
+    /// A fixed number of frames (received), after a fixed warm-up, for instruction counts.
+    Frames(u64),
+}
+
+fn run_frames(kind: MemKind, wire_len: usize, span: Span, batch: u32, worker_cpu: Option<usize>) -> Res<FramesRun> {
     let mut rig = Rig::new(kind, worker_cpu)?;
     let len = wire_len - 4; // no FCS
     let frames: Vec<Vec<u8>> = (0..RING).map(|s| udp_frame(rig.mac, len, s)).collect();
@@ -732,11 +747,18 @@ fn run_frames(kind: MemKind, wire_len: usize, secs: f64, batch: u32, worker_cpu:
         doorbells: 0,
     };
     let mut scratch = Vec::new();
-    let warm = Duration::from_secs_f64((secs / 5.0).min(0.3));
+    // With a frame count, exactly `limit` frames are posted in all (warm-up and measurement, whole batches), so
+    // an instruction count covers a known number of frames whatever the threads' timing.
+    let b = u64::from(batch);
+    let (warm, warm_frames, limit) = match span {
+        Span::Seconds(secs) => (Duration::from_secs_f64((secs / 5.0).min(0.3)), u64::MAX, u64::MAX),
+        Span::Frames(n) => (Duration::MAX, (n / 8).div_ceil(b) * b, (n / 8).div_ceil(b) * b + n.div_ceil(b) * b),
+    };
     let t0 = Instant::now();
-    while t0.elapsed() < warm {
+    while t0.elapsed() < warm && r.received < warm_frames {
         interrupted()?;
-        if !pass(d, &mut r, &frames, batch, true, &mut scratch)? {
+        let post = r.posted + b <= limit;
+        if !pass(d, &mut r, &frames, batch, post, &mut scratch)? {
             std::thread::yield_now();
         }
     }
@@ -745,11 +767,15 @@ fn run_frames(kind: MemKind, wire_len: usize, secs: f64, batch: u32, worker_cpu:
     let sleeps0 = thread_sleeps(&rig.worker_tid);
     let load0 = (machine_busy_s(), proc_cpu_s(std::process::id(), &[""]).unwrap_or(0.0));
     let start = Instant::now();
-    let window = Duration::from_secs_f64(secs);
+    let window = match span {
+        Span::Seconds(secs) => Duration::from_secs_f64(secs),
+        Span::Frames(_) => Duration::MAX,
+    };
     let d = &mut rig.d;
-    while start.elapsed() < window {
+    while start.elapsed() < window && r.received < limit {
+        let post = r.posted + b <= limit;
         interrupted()?;
-        if !pass(d, &mut r, &frames, batch, true, &mut scratch)? {
+        if !pass(d, &mut r, &frames, batch, post, &mut scratch)? {
             std::thread::yield_now();
         }
     }
@@ -793,6 +819,7 @@ fn run_frames(kind: MemKind, wire_len: usize, secs: f64, batch: u32, worker_cpu:
         doorbells_per_frame: (tails1 - tails0) as f64 / n,
         worker_sleeps_per_frame: (sleeps1 - sleeps0) as f64 / n,
         others_cpu_pct: others_pct(load0, load1, elapsed),
+        posted: r.posted,
     })
 }
 
@@ -801,6 +828,7 @@ fn frames_part(cli: &Cli) -> Res<()> {
     if !(0.01..=600.0).contains(&secs) {
         return Err(format!("--seconds {secs}: out of range"));
     }
+    let span = cli.frames.map_or(Span::Seconds(secs), Span::Frames);
     let rounds = cli.rounds.unwrap_or(if cli.quick { 1 } else { 3 });
     let cases: Vec<(usize, MemKind)> = [64, 1518]
         .iter()
@@ -828,7 +856,7 @@ fn frames_part(cli: &Cli) -> Res<()> {
         for k in 0..cases.len() {
             let i = (k + round as usize) % cases.len();
             let (wire, kind) = cases[i];
-            let run = run_frames(kind, wire, secs, cli.batch, worker_cpu)
+            let run = run_frames(kind, wire, span, cli.batch, worker_cpu)
                 .map_err(|e| format!("{}-byte frames, mem={}: {e}", wire, kind.name()))?;
             runs[i].push(run);
         }
@@ -847,7 +875,7 @@ fn frames_part(cli: &Cli) -> Res<()> {
         println!(
             "bench name={name} mem={} frame_bytes={} frames_per_s={m:.0} mbit_per_s={:.1} min={:.0} max={:.0} \
              rounds={rounds} seconds={secs} worker_ns_per_frame={:.0} worker_cpu_pct={:.0} driver_ns_per_frame={:.0} \
-             doorbells_per_frame={:.4} worker_sleeps_per_frame={:.4} others_cpu_pct={:.0}{dma}",
+             doorbells_per_frame={:.4} worker_sleeps_per_frame={:.4} others_cpu_pct={:.0} frames_total={}{dma}",
             kind.name(),
             wire - 4,
             m * (wire - 4) as f64 * 8.0 / 1e6,
@@ -859,6 +887,7 @@ fn frames_part(cli: &Cli) -> Res<()> {
             pick(|r| r.doorbells_per_frame),
             pick(|r| r.worker_sleeps_per_frame),
             pick(|r| r.others_cpu_pct),
+            rs[0].posted,
         );
         let busiest = rs.iter().map(|r| r.others_cpu_pct).fold(0.0, f64::max);
         if busiest > BUSY_WARN_PCT {

@@ -1,7 +1,9 @@
 //! RX: frames from the wire are filtered by MAC, steered to a queue (RSS when granted) and written into the
 //! buffers the driver posted, waiting in a bounded backlog while a ring has none.
 
-use crate::core::Core;
+use std::sync::MutexGuard;
+
+use crate::core::{Core, Dev};
 use crate::engine::derive::{self, Ring};
 use crate::engine::{desc_addr, mdd, Mdd};
 use crate::nic::offload;
@@ -37,7 +39,8 @@ pub(crate) fn receive(core: &Core, frame: Vec<u8>) {
         log::trace!("rx-drop fault: frame of {} bytes dropped", frame.len());
         return;
     }
-    let Some(q) = pf.rx_queue_for(&frame) else {
+    // The hash is computed once, here, under the lock: the queue is chosen by it and the writeback reports it.
+    let Some((q, hash)) = pf.rx_steer(&frame) else {
         st.nic.pf.stats.rx_discards += 1;
         return;
     };
@@ -46,18 +49,23 @@ pub(crate) fn receive(core: &Core, frame: Vec<u8>) {
         return;
     }
     let backlog = &mut st.rx_backlog[q as usize];
-    backlog.push_back(frame);
-    drop(st);
-    drain_rx(core, q);
+    backlog.push_back((frame, hash));
+    drain(core, q, Some(st));
 }
 
 /// Writes waiting frames into queue `q`'s posted buffers until the backlog or the buffers run out.
 pub(crate) fn drain_rx(core: &Core, q: u16) {
+    drain(core, q, None);
+}
+
+/// [`drain_rx`], starting under the lock `held` if the caller has it.
+fn drain<'c>(core: &'c Core, q: u16, mut held: Option<MutexGuard<'c, Dev>>) {
     let qi = q as usize;
     let mut delivered = 0;
+    // The lock taken to commit a frame is kept to look at the next one (one lock per frame, not two).
     loop {
         let (generation, cfg, head, frame) = {
-            let mut st = core.lock();
+            let mut st = held.take().unwrap_or_else(|| core.lock());
             core.fold_port_drops(&mut st);
             let Some(cfg) = st.nic.pf.rx.get(qi).copied().flatten() else { return };
             if st.nic.pf.rx_enabled & (1 << q) == 0 || !st.bus_master() {
@@ -78,7 +86,12 @@ pub(crate) fn drain_rx(core: &Core, q: u16) {
                 }
             }
             let free = (tail + cfg.len - head) % cfg.len;
-            let Some(frame) = st.rx_backlog[qi].front() else { break };
+            let Some((frame, _)) = st.rx_backlog[qi].front() else {
+                if delivered > 0 {
+                    st.raise_queue(q, true);
+                }
+                return;
+            };
             let need = frame.len().div_ceil(cfg.buf_size as usize);
             if frame.len() > cfg.max_frame as usize || need > cfg.len as usize - 1 {
                 // It could never be delivered: waiting for it would block every frame behind it.
@@ -94,12 +107,16 @@ pub(crate) fn drain_rx(core: &Core, q: u16) {
                 continue;
             }
             if (free as usize) < need {
-                break; // wait for the driver to post buffers
+                // Wait for the driver to post buffers.
+                if delivered > 0 {
+                    st.raise_queue(q, true);
+                }
+                return;
             }
-            let frame = st.rx_backlog[qi].pop_front().unwrap();
-            (st.generation, cfg, head, frame)
+            let (frame, hash) = st.rx_backlog[qi].pop_front().unwrap();
+            (st.generation, cfg, head, (frame, hash))
         };
-        let hash = core.lock().nic.pf.rss_hash(&frame);
+        let (frame, hash) = frame;
         match rx_frame(core, &cfg, head, &frame, hash) {
             Ok(next) => {
                 let mut st = core.lock();
@@ -116,13 +133,10 @@ pub(crate) fn drain_rx(core: &Core, q: u16) {
                 st.nic.queues[qi].stats.rx_frames += 1;
                 st.nic.pf.stats.count_rx(&frame);
                 delivered += 1;
+                held = Some(st);
             }
             Err(e) => return disable_rx(core, q, cfg, e),
         }
-    }
-    if delivered > 0 {
-        let mut st = core.lock();
-        st.raise_queue(q, true);
     }
 }
 
@@ -130,15 +144,16 @@ pub(crate) fn drain_rx(core: &Core, q: u16) {
 /// its data, and its status qword last (the driver checks DD, then reads the rest). Returns the next head.
 fn rx_frame(core: &Core, cfg: &RxQueue, head: u32, frame: &[u8], hash: Option<u32>) -> Result<u32, Mdd> {
     let mut i = head;
-    let chunks: Vec<&[u8]> = frame.chunks(cfg.buf_size as usize).collect();
-    for (n, chunk) in chunks.iter().enumerate() {
+    let count = frame.len().div_ceil(cfg.buf_size as usize);
+    for (n, chunk) in frame.chunks(cfg.buf_size as usize).enumerate() {
         let at = desc_addr(cfg.ring, i, RX_DESC, 0)?;
-        let (at8, at16) = (desc_addr(cfg.ring, i, RX_DESC, 8)?, desc_addr(cfg.ring, i, RX_DESC, 16)?);
+        let at8 = desc_addr(cfg.ring, i, RX_DESC, 8)?;
+        desc_addr(cfg.ring, i, RX_DESC, RX_DESC - 1)?; // the writeback covers the whole descriptor
         let mut d = [0u8; 8];
         core.dma_read(at, &mut d)?;
         let buf = u64::from_le_bytes(d);
         core.dma_write(buf, chunk)?;
-        let last = n + 1 == chunks.len();
+        let last = n + 1 == count;
         let qw0 = u64::from(hash.unwrap_or(0)) << 32;
         let mut qw1 = RX_DD | ((chunk.len() as u64) << RX_LEN_SHIFT);
         if last {
@@ -148,8 +163,11 @@ fn rx_frame(core: &Core, cfg: &RxQueue, head: u32, frame: &[u8], hash: Option<u3
         if hash.is_some() {
             qw1 |= RX_FLTSTAT_RSS;
         }
-        core.dma_write(at, &qw0.to_le_bytes())?;
-        core.dma_write(at16, &[0u8; 16])?;
+        // qword 0 and qwords 2-3 in one write with qword 1 (the status) still zero, so DD stays clear until the
+        // status qword goes in last: the driver sees the descriptor done only once the rest is there.
+        let mut rest = [0u8; RX_DESC as usize];
+        rest[..8].copy_from_slice(&qw0.to_le_bytes());
+        core.dma_write(at, &rest)?;
         core.dma_write(at8, &qw1.to_le_bytes())?;
         i = (i + 1) % cfg.len;
     }

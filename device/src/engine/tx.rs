@@ -25,9 +25,12 @@ const MAX_TSO_FRAME: usize = offload::MAX_TSO_PAYLOAD + 512;
 /// Completes every frame between the queue's head and its tail.
 pub(crate) fn process_tx(core: &Core, q: u16) {
     let qi = q as usize;
+    let mut buf = Gather::take();
+    // The lock taken to raise a frame's interrupt is kept to look at the next frame.
+    let mut held = None;
     loop {
         let (generation, cfg, head, tail) = {
-            let mut st = core.lock();
+            let mut st = held.take().unwrap_or_else(|| core.lock());
             let Some(cfg) = st.nic.pf.tx.get(qi).copied().flatten() else {
                 log::trace!("TX queue {q}: kicked, not configured");
                 return;
@@ -63,11 +66,16 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
         if head >= cfg.len {
             return disable(core, q, generation, cfg, Mdd::Desc("head past the end of the ring"));
         }
-        match tx_frame(core, cfg.ring, cfg.len, head, tail) {
+        match tx_frame(core, cfg.ring, cfg.len, head, tail, &mut buf.0) {
             Ok(None) => return, // a frame not yet complete up to the tail: wait for more
-            Ok(Some((next, frame, off))) => {
+            Ok(Some((next, len, off))) => {
                 // Checksum insertion and TSO happen here, as the NIC does them, so the wire sees finished frames.
-                let segments = offload::apply(&frame, &off);
+                // Without TSO the frame goes out of the gather buffer itself, checksums filled in place.
+                let out = match off.tso {
+                    Some(_) => offload::apply(&buf.0[..len], &off).map(Out::Segments),
+                    None => offload::fill_checksums(&mut buf.0[..len], &off).map(|()| Out::Frame),
+                };
+                let frame = &buf.0[..len];
                 let mut st = core.lock();
                 if st.generation != generation {
                     return;
@@ -79,41 +87,80 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
                     return;
                 }
                 st.nic.queues[qi].tx_head = next;
-                let segments = match segments {
-                    Ok(s) => s,
+                let out = match out {
+                    Ok(o) => o,
                     Err(e) => {
                         st.nic.pf.stats.tx_errors += 1;
-                        log::warn!(
-                            "TX queue {q}: frame of {} bytes dropped: offload request invalid: {e}",
-                            frame.len()
-                        );
-                        Vec::new()
+                        log::warn!("TX queue {q}: frame of {len} bytes dropped: offload request invalid: {e}");
+                        Out::Dropped
                     }
                 };
-                for seg in &segments {
+                out.each(frame, |seg| {
                     st.nic.queues[qi].stats.tx_frames += 1;
                     st.nic.pf.stats.count_tx(seg);
-                }
+                });
                 let sink = st.sink.clone();
                 drop(st);
-                for seg in &segments {
-                    sink.transmit(seg);
-                }
+                out.each(frame, |seg| sink.transmit(seg));
                 let mut st = core.lock();
                 if st.generation != generation {
                     return;
                 }
                 st.raise_queue(q, false);
+                held = Some(st);
             }
             Err(e) => return disable(core, q, generation, cfg, e),
         }
     }
 }
 
-/// Reads one frame starting at `head`; writes DTYPE_DONE into its EOP descriptor. Returns the index after it, the
-/// frame and its offload request, or None if the frame's EOP is not before the tail yet.
-fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32) -> TxResult {
-    let mut frame = Vec::new();
+/// What a frame became once its offloads were applied.
+enum Out {
+    /// The gathered frame itself (no offload, or checksums filled in place).
+    Frame,
+    /// TSO segments.
+    Segments(Vec<Vec<u8>>),
+    /// An invalid offload request: nothing goes out.
+    Dropped,
+}
+
+impl Out {
+    fn each(&self, frame: &[u8], mut f: impl FnMut(&[u8])) {
+        match self {
+            Out::Frame => f(frame),
+            Out::Segments(segs) => segs.iter().for_each(|s| f(s)),
+            Out::Dropped => {}
+        }
+    }
+}
+
+thread_local! {
+    /// The TX gather buffer of this worker thread, reused from frame to frame so that TX allocates nothing per
+    /// frame. It only grows (to the largest frame seen, at most a TSO frame); its bytes past a frame are stale.
+    static GATHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The thread's gather buffer, taken for one [`process_tx`] and given back when dropped (on every return path).
+struct Gather(Vec<u8>);
+
+impl Gather {
+    fn take() -> Self {
+        Gather(GATHER.try_with(|g| std::mem::take(&mut *g.borrow_mut())).unwrap_or_default())
+    }
+}
+
+impl Drop for Gather {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        let _ = GATHER.try_with(|g| *g.borrow_mut() = v);
+    }
+}
+
+/// Reads one frame starting at `head` into `buf` (grown as needed, never shrunk: the frame is `buf[..len]`); writes
+/// DTYPE_DONE into its EOP descriptor. Returns the index after it, the frame's length and its offload request, or
+/// None if the frame's EOP is not before the tail yet.
+fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32, buf: &mut Vec<u8>) -> TxResult {
+    let mut flen = 0usize;
     let mut i = head;
     let mut frags = 0;
     let mut ctx: Option<u64> = None;
@@ -139,24 +186,27 @@ fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32) -> TxResult 
         frags += 1;
         let tso = ctx.is_some_and(|c| c & offload::TXD_CTX_QW1_TSO != 0);
         let (max_frags, max_frame) = if tso { (MAX_TSO_FRAGS, MAX_TSO_FRAME) } else { (MAX_FRAGS, MAX_FRAME) };
-        if size == 0 || frags > max_frags || frame.len() + size > max_frame {
+        if size == 0 || frags > max_frags || flen + size > max_frame {
             return Err(Mdd::Desc("zero-length buffer, too many buffers or an oversized frame"));
         }
         data_qw1.get_or_insert(qw1);
-        let start = frame.len();
-        frame.resize(start + size, 0);
-        core.dma_read(addr, &mut frame[start..])?;
+        let start = flen;
+        flen += size;
+        if buf.len() < flen {
+            buf.resize(flen, 0);
+        }
+        core.dma_read(addr, &mut buf[start..flen])?;
         if qw1 & CMD_EOP != 0 {
             let done = (qw1 & !DTYPE_MASK) | DTYPE_DONE;
             core.dma_write(wb, &done.to_le_bytes())?;
             let off = offload::decode(data_qw1.unwrap_or(qw1), ctx);
-            return Ok(Some((i, frame, off)));
+            return Ok(Some((i, flen, off)));
         }
     }
     Ok(None)
 }
 
-type TxResult = Result<Option<(u32, Vec<u8>, TxOffload)>, Mdd>;
+type TxResult = Result<Option<(u32, usize, TxOffload)>, Mdd>;
 
 /// Shuts TX queue `q` down, unless a reset or CONFIG_VSI_QUEUES replaced what the failed walk was using.
 fn disable(core: &Core, q: u16, generation: u64, cfg: TxQueue, why: Mdd) {

@@ -182,6 +182,8 @@ struct Table {
     derived: bool,
     /// dirty-miss (see [`GuestMem::set_faults`]).
     faults: Option<Arc<Faults>>,
+    /// Bytes of fd-backed (mmap'd) regions, kept as regions come and go so DMA_MAP's limit check is O(1).
+    mapped_bytes: u64,
 }
 
 impl Table {
@@ -213,6 +215,9 @@ fn check_file(file: &File, offset: u64, size: u64, iova: u64) -> Result<(), Errn
 
 /// Keeps what the device wrote into a region that goes away while logging, for the next REPORT.
 fn retire(t: &mut Table, r: Region) {
+    if matches!(r.backing, Backing::Mapped(_)) {
+        t.mapped_bytes -= r.size;
+    }
     let (Some(log), Some(l)) = (t.log.as_mut(), r.log) else { return };
     if l.dirty.count() == 0 && l.ever.as_ref().is_none_or(|e| e.count() == 0) {
         return;
@@ -267,14 +272,7 @@ impl GuestMem {
             Some((file, offset)) => {
                 let len = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
                 check_file(&file, offset, size, iova)?;
-                let mapped: u64 = self
-                    .rd()
-                    .regions
-                    .values()
-                    .filter(|r| matches!(r.backing, Backing::Mapped(_)))
-                    .map(|r| r.size)
-                    .sum();
-                if mapped.saturating_add(size) > MAX_MAPPED_BYTES {
+                if self.rd().mapped_bytes.saturating_add(size) > MAX_MAPPED_BYTES {
                     log::warn!(
                         "DMA_MAP {iova:#x}+{size:#x}: fd-backed mappings would exceed {MAX_MAPPED_BYTES:#x} bytes"
                     );
@@ -308,6 +306,13 @@ impl GuestMem {
             (Some(l), Backing::Mapped(_)) => l.new_log(iova, size),
             _ => None,
         };
+        if matches!(backing, Backing::Mapped(_)) {
+            // Checked again under the write lock: the check above ran before the mmap, without it.
+            if t.mapped_bytes.saturating_add(size) > MAX_MAPPED_BYTES {
+                return Err(Errno(libc::ENOMEM));
+            }
+            t.mapped_bytes += size;
+        }
         t.regions.insert(iova, Region { size, readable, writable, backing, log });
         Ok(())
     }
@@ -582,58 +587,70 @@ impl GuestMem {
         self.write(addr, &v.to_le_bytes())
     }
 
-    /// Checks that mappings cover the whole range with the needed permission, so a bad range fails before any byte
-    /// is copied.
-    fn check(&self, addr: u64, len: usize, write: bool) -> Result<(), MemError> {
-        let t = self.rd();
-        let end = addr.checked_add(len as u64).ok_or(MemError::Unmapped(addr))?;
-        let mut at = addr;
-        while at < end {
-            let (iova, r) = t.find(at).ok_or(MemError::Unmapped(at))?;
-            if !(if write { r.writable } else { r.readable }) {
-                return Err(MemError::Denied(at));
-            }
-            at = iova + r.size;
-        }
-        Ok(())
-    }
-
-    /// Copies segment by segment; a buffer may span adjacent mappings. Mapped memory is copied under the read lock;
-    /// the lock is never held while waiting for the client.
-    fn access(&self, addr: u64, mut dir: Dir<'_>) -> Result<(), MemError> {
+    /// Copies segment by segment; a buffer may span adjacent mappings. The common case, a range inside one mapping
+    /// the device may touch directly, costs one read lock and one lookup: the mapping found for the bounds and
+    /// permission check is the one copied through. Mapped memory is copied under the read lock; the lock is never
+    /// held while waiting for the client.
+    fn access(&self, addr: u64, dir: Dir<'_>) -> Result<(), MemError> {
+        let write = matches!(dir, Dir::Write(_));
         let total = match &dir {
             Dir::Read(b) => b.len(),
             Dir::Write(d) => d.len(),
         };
-        self.check(addr, total, matches!(dir, Dir::Write(_)))?;
+        let end = addr.checked_add(total as u64).ok_or(MemError::Unmapped(addr))?;
+        if total == 0 {
+            return Ok(()); // touches nothing, so needs no mapping
+        }
+        {
+            let t = self.rd();
+            let (iova, r) = t.find(addr).ok_or(MemError::Unmapped(addr))?;
+            if !(if write { r.writable } else { r.readable }) {
+                return Err(MemError::Denied(addr));
+            }
+            if end - iova <= r.size {
+                if let Backing::Mapped(m) = &r.backing {
+                    return copy_mapped(&t, r, m, addr - iova, addr, dir);
+                }
+            }
+        }
+        self.access_spanning(addr, end, dir)
+    }
+
+    /// A range over more than one mapping, or through the transport: checks that mappings cover the whole range
+    /// with the needed permission, so a bad range fails before any byte is copied, then copies mapping by mapping
+    /// (looking each up again: the transport is called without the lock, and the table may change meanwhile).
+    #[cold]
+    fn access_spanning(&self, addr: u64, end: u64, mut dir: Dir<'_>) -> Result<(), MemError> {
+        let write = matches!(dir, Dir::Write(_));
+        {
+            let t = self.rd();
+            let mut at = addr;
+            while at < end {
+                let (iova, r) = t.find(at).ok_or(MemError::Unmapped(at))?;
+                if !(if write { r.writable } else { r.readable }) {
+                    return Err(MemError::Denied(at));
+                }
+                at = iova + r.size;
+            }
+        }
+        let total = (end - addr) as usize;
         let mut done = 0usize;
         while done < total {
-            let at = addr.checked_add(done as u64).ok_or(MemError::Unmapped(addr))?;
+            let at = addr + done as u64;
             let t = self.rd();
             let (iova, r) = t.find(at).ok_or(MemError::Unmapped(at))?;
             let off = at - iova;
             let n = usize::try_from(r.size - off).unwrap_or(usize::MAX).min(total - done);
-            let allowed = match dir {
-                Dir::Read(_) => r.readable,
-                Dir::Write(_) => r.writable,
-            };
-            if !allowed {
+            if !(if write { r.writable } else { r.readable }) {
                 return Err(MemError::Denied(at));
             }
             match &r.backing {
                 Backing::Mapped(m) => {
-                    let s = m.get_slice(off as usize, n).map_err(|_| MemError::Unmapped(at))?;
-                    match &mut dir {
-                        Dir::Read(b) => {
-                            s.copy_to(&mut b[done..done + n]);
-                        }
-                        Dir::Write(d) => {
-                            s.copy_from(&d[done..done + n]);
-                            if let Some(l) = &r.log {
-                                l.mark(at, n as u64, t.faults.as_deref());
-                            }
-                        }
-                    }
+                    let part = match &mut dir {
+                        Dir::Read(b) => Dir::Read(&mut b[done..done + n]),
+                        Dir::Write(d) => Dir::Write(&d[done..done + n]),
+                    };
+                    copy_mapped(&t, r, m, off, at, part)?;
                 }
                 Backing::Remote => {
                     let tr = t.transport.clone().ok_or(MemError::Unmapped(at))?;
@@ -649,6 +666,29 @@ impl GuestMem {
         }
         Ok(())
     }
+}
+
+/// Copies `dir` at offset `off` of mapped region `r` (guest address `at`), which the caller checked covers it with
+/// the needed permission, under the table's read lock `t`; a write marks the pages it touched.
+#[inline]
+fn copy_mapped(t: &Table, r: &Region, m: &MmapRegion<()>, off: u64, at: u64, dir: Dir<'_>) -> Result<(), MemError> {
+    let n = match &dir {
+        Dir::Read(b) => b.len(),
+        Dir::Write(d) => d.len(),
+    };
+    let s = m.get_slice(off as usize, n).map_err(|_| MemError::Unmapped(at))?;
+    match dir {
+        Dir::Read(b) => {
+            s.copy_to(b);
+        }
+        Dir::Write(d) => {
+            s.copy_from(d);
+            if let Some(l) = &r.log {
+                l.mark(at, n as u64, t.faults.as_deref());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -538,16 +538,22 @@ impl Pf {
     /// The enabled RX queue a frame goes to: RSS over the driver's key and LUT when RSS is granted and the frame's
     /// hash type is enabled, else the lowest enabled queue.
     pub fn rx_queue_for(&self, frame: &[u8]) -> Option<u16> {
+        self.rx_steer(frame).map(|(q, _)| q)
+    }
+
+    /// [`Pf::rx_queue_for`] with the RSS hash it was chosen by (the one the writeback reports), computed once.
+    pub fn rx_steer(&self, frame: &[u8]) -> Option<(u16, Option<u32>)> {
         if self.rx_enabled == 0 {
             return None;
         }
-        if let Some(h) = self.rss_hash(frame) {
+        let hash = self.rss_hash(frame);
+        if let Some(h) = hash {
             let q = u16::from(crate::nic::rss::queue_for(h, &self.rss_lut));
             if self.rx_enabled & (1 << q) != 0 {
-                return Some(q);
+                return Some((q, hash));
             }
         }
-        Some(self.rx_enabled.trailing_zeros() as u16)
+        Some((self.rx_enabled.trailing_zeros() as u16, hash))
     }
 
     /// The RSS hash of a frame (Toeplitz over the driver's key), when RSS is granted and enabled for its type.
