@@ -12,9 +12,10 @@
 //!    its per-frame work (checksum check, Toeplitz hash). 64 B and 1500 B are on-the-wire sizes: the device sees
 //!    60 and 1514 bytes (no FCS); `mbit_per_s` counts those bytes.
 //! 2. `tcp_host_to_guest` / `tcp_guest_to_host`: a Linux guest (QEMU TCG) with our VF on a tap backend moved into
-//!    a network namespace, and the same guest with QEMU's own e1000e on a tap in a namespace, in the same run:
-//!    busybox nc moves `--tcp-mib` MiB each way (the guest script is `qemu-configs/guest/bench-tcp.sh`), timed
-//!    from the guest's /proc/uptime; the host checks the bytes it gets back (SHA-256).
+//!    a network namespace, and the same guest with QEMU's own virtio-net-pci (userspace backend, `vhost=off`) and
+//!    with QEMU's e1000e, each on a tap in a namespace, in the same run: busybox nc moves `--tcp-mib` MiB each way
+//!    (the guest script is `qemu-configs/guest/bench-tcp.sh`), timed from the guest's /proc/uptime; the host checks
+//!    the bytes it gets back (SHA-256). The target (issue 13): our VF >= 1.0x virtio-net-pci in both directions.
 //!
 //! Output: `bench`, `ratio`, `run`, `skip` and `info` lines of key=value fields; human lines start with `#`. The exit
 //! status is non-zero on a functional failure (lost, reordered or corrupted frames or bytes, a guest that did not
@@ -71,7 +72,7 @@ enum Part {
 #[command(
     name = "vfu-netbench",
     about = "Datapath throughput of vfu-i40evf: frames/s through the loopback backend (memfd vs fd-less memory) and \
-             guest TCP throughput under QEMU TCG against QEMU's e1000e",
+             guest TCP throughput under QEMU TCG against QEMU's virtio-net-pci and e1000e",
     after_help = "Build and run (the TCP part needs root and qemu-configs/provision.sh):\n  \
                   cargo build --release -p server -p bench && ./target/release/vfu-netbench\n\
                   Exit status: 0 unless something was lost, corrupted or did not finish."
@@ -108,7 +109,7 @@ struct Cli {
     #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=256))]
     tcp_mib: u32,
 
-    /// Guest boots per NIC for the TCP part, alternating (A-B, B-A, A-B, ...).
+    /// Guest boots per NIC for the TCP part, the order rotated each round (A-B-C, B-C-A, C-A-B, ...).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     tcp_rounds: u32,
 
@@ -912,7 +913,7 @@ fn frames_part(cli: &Cli) -> Res<()> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Part 2: guest TCP throughput under TCG, our VF against QEMU's e1000e.
+// Part 2: guest TCP throughput under TCG, our VF against QEMU's virtio-net-pci (userspace backend) and e1000e.
 
 const HOST: &str = "10.215.0.1";
 const GUEST: &str = "10.215.0.2";
@@ -924,20 +925,33 @@ const USER_HZ: f64 = 100.0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Nic {
     Vf,
+    VirtioNet,
     E1000e,
 }
 
 impl Nic {
+    const ALL: [Nic; 3] = [Nic::Vf, Nic::VirtioNet, Nic::E1000e];
+
     fn name(self) -> &'static str {
         match self {
             Nic::Vf => "vfu",
+            Nic::VirtioNet => "virtio-net",
             Nic::E1000e => "e1000e",
         }
     }
     fn driver(self) -> &'static str {
         match self {
             Nic::Vf => "iavf",
+            Nic::VirtioNet => "virtio_net",
             Nic::E1000e => "e1000e",
+        }
+    }
+    /// QEMU's `-device` for a NIC QEMU emulates itself, on the tap netdev `n0`.
+    fn qemu_device(self) -> Option<&'static str> {
+        match self {
+            Nic::Vf => None,
+            Nic::VirtioNet => Some("virtio-net-pci"),
+            Nic::E1000e => Some("e1000e"),
         }
     }
 }
@@ -1236,7 +1250,7 @@ fn tcp_trial(nic: Nic, cli: &Cli, paths: &Paths, data: &Arc<Vec<u8>>, want_hash:
             run(Command::new("ip").args(["link", "set", &tap, "netns", &ns.name]))?;
             server = Some(p);
         }
-        Nic::E1000e => {
+        Nic::VirtioNet | Nic::E1000e => {
             ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
         }
     }
@@ -1270,12 +1284,16 @@ fn tcp_trial(nic: Nic, cli: &Cli, paths: &Paths, data: &Arc<Vec<u8>>, want_hash:
             c.arg("--socket").arg(dir.0.join("vf.sock"));
             c
         }
-        Nic::E1000e => {
+        Nic::VirtioNet | Nic::E1000e => {
             // QEMU attaches to the tap by name, so it runs in the namespace (`ip netns exec` execs: same PID).
+            // vhost=off: virtio-net's datapath stays in QEMU (its main loop), the userspace backend.
+            let device = nic.qemu_device().unwrap_or_default();
             let mut c = Command::new("ip");
             c.args(["netns", "exec", &ns.name]).arg(&paths.run_vm).arg("--no-device").args([
                 "--extra",
-                &format!("-netdev tap,id=n0,ifname={tap},script=no,downscript=no -device e1000e,netdev=n0,bus=rp1"),
+                &format!(
+                    "-netdev tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off -device {device},netdev=n0,bus=rp1"
+                ),
             ]);
             c
         }
@@ -1324,7 +1342,7 @@ fn tcp_trial(nic: Nic, cli: &Cli, paths: &Paths, data: &Arc<Vec<u8>>, want_hash:
     }
     let ran = booted.elapsed().as_secs_f64();
     drop(qemu);
-    if nic == Nic::E1000e {
+    if nic != Nic::Vf {
         // Persistent, so ours to delete (deleting the namespace would too).
         let _ = ns.ip(&["link", "del", &tap]);
     }
@@ -1412,12 +1430,10 @@ fn tcp_part(cli: &Cli) -> Res<()> {
         cli.kernel, cli.tcp_mib, cli.tcp_rounds
     );
     let mut order = Vec::new();
-    for i in 0..cli.tcp_rounds {
-        if i % 2 == 0 {
-            order.extend([Nic::Vf, Nic::E1000e]);
-        } else {
-            order.extend([Nic::E1000e, Nic::Vf]);
-        }
+    for i in 0..cli.tcp_rounds as usize {
+        let mut round = Nic::ALL;
+        round.rotate_left(i % Nic::ALL.len());
+        order.extend(round);
     }
     let mut results: Vec<(Nic, TcpRun)> = Vec::new();
     for nic in order {
@@ -1445,25 +1461,35 @@ fn tcp_part(cli: &Cli) -> Res<()> {
         }
         results.push((nic, r));
     }
-    let med = |nic: Nic, g: fn(&TcpRun) -> f64| {
-        median(&results.iter().filter(|r| r.0 == nic).map(|r| g(&r.1)).collect::<Vec<_>>())
-    };
-    for (name, g) in [
-        ("tcp_host_to_guest", (|r: &TcpRun| r.to_guest) as fn(&TcpRun) -> f64),
-        ("tcp_guest_to_host", |r: &TcpRun| r.from_guest),
+    let of =
+        |nic: Nic, g: fn(&TcpRun) -> f64| results.iter().filter(|r| r.0 == nic).map(|r| g(&r.1)).collect::<Vec<_>>();
+    let med = |nic: Nic, g: fn(&TcpRun) -> f64| median(&of(nic, g));
+    for (name, dir, g) in [
+        ("tcp_host_to_guest", "host_to_guest", (|r: &TcpRun| r.to_guest) as fn(&TcpRun) -> f64),
+        ("tcp_guest_to_host", "guest_to_host", |r: &TcpRun| r.from_guest),
     ] {
-        for nic in [Nic::Vf, Nic::E1000e] {
+        for nic in Nic::ALL {
+            let v = of(nic, g);
             println!(
-                "bench name={name} nic={} mib_per_s={:.2} mib={} boots={} kernel={} accel=tcg others_cpu_pct_max={:.0}",
+                "bench name={name} nic={} mib_per_s={:.2} min={:.2} max={:.2} mib={} boots={} kernel={} accel=tcg \
+                 others_cpu_pct_max={:.0}",
                 nic.name(),
-                med(nic, g),
+                median(&v),
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
                 cli.tcp_mib,
                 cli.tcp_rounds,
                 cli.kernel,
                 results.iter().filter(|r| r.0 == nic).map(|r| r.1.others_pct).fold(0.0, f64::max)
             );
         }
+        let vs_virtio = med(Nic::Vf, g) / med(Nic::VirtioNet, g);
+        println!("ratio name={name} vs=virtio-net value={vs_virtio:.2}");
         println!("ratio name={name} vs=e1000e value={:.2}", med(Nic::Vf, g) / med(Nic::E1000e, g));
+        println!(
+            "target name=tcp_vf_vs_virtio dir={dir} value={vs_virtio:.3} min=1.0 {}",
+            if vs_virtio >= 1.0 { "met" } else { "missed" }
+        );
     }
     Ok(())
 }
