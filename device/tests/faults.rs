@@ -558,6 +558,25 @@ fn dma_error_in_the_admin_queue_stalls_it_and_the_pf_resets_the_vf() {
     assert_eq!(d.request(OP_GET_STATS, &dm::msg_queue_select(0, 0)).status, 0, "the admin queue works again");
 }
 
+/// A stalled admin queue (a descriptor the device cannot read) stays stalled: later ATQT writes do not walk it again
+/// (one malicious-driver report, not one per kick) until the driver resets the VF.
+#[test]
+fn a_stalled_admin_queue_is_not_walked_again_by_later_kicks() {
+    let (mut d, ev) = bed(&[]);
+    d.bring_up(1, dm::RINGS);
+    while d.recv(Duration::from_millis(100)).is_some() {}
+    let _ = drain(&ev, Duration::from_millis(10));
+    d.bus.write32(VF_ATQBAH1, 0x7fff); // the ring now lies outside guest memory
+    let t = d.bus.read32(VF_ATQT1);
+    d.bus.write32(VF_ATQT1, (t + 1) % 32);
+    assert!(poll(SEC, || d.bus.read32(VF_ATQLEN1) & AQ_CRIT != 0), "the ATQ stalls");
+    d.bus.write32(VF_ATQT1, (t + 2) % 32);
+    d.bus.write32(VF_ATQT1, (t + 3) % 32);
+    let evs = drain(&ev, Duration::from_millis(200));
+    let mdd = evs.iter().filter(|e| matches!(e, Event::MaliciousDriver { queue: None, .. })).count();
+    assert_eq!(mdd, 1, "{evs:?}");
+}
+
 // ---- dirty-miss ------------------------------------------------------------------------------------------------
 
 fn tempfile(size: u64) -> std::fs::File {

@@ -171,7 +171,9 @@ struct Ring {
 fn ring(core: &Core, len_reg: u64, bal: u64, bah: u64, head: u64, tail: u64) -> Option<Ring> {
     let mut st = core.lock();
     let lenreg = st.reg(len_reg);
-    if lenreg & AQ_ENABLE == 0 || !st.bus_master() {
+    // A stalled queue (AQ_CRIT, set by `stall`) stays stalled until a reset or until the driver clears the bit:
+    // a later kick must not walk it again.
+    if lenreg & AQ_ENABLE == 0 || lenreg & AQ_CRIT != 0 || !st.bus_master() {
         return None;
     }
     let r = Ring {
