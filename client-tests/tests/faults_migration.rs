@@ -141,9 +141,12 @@ fn mig_corrupt_fails_the_destination_load_cleanly_and_the_source_resumes() {
     let _ = ctl(&p.dst_ctl);
 }
 
+/// dirty-miss=1: every page the device newly dirties is left out of the log. (With a larger N whether a missed page
+/// is lost depends on timing: the page may be dirtied again and reported, or be guest-dirty too. The every-Nth
+/// arithmetic is checked exactly in device/tests/faults.rs.)
 #[test]
 fn dirty_miss_loses_pages_and_the_destination_audit_names_exactly_them() {
-    let p = pair(&["--fault", "dirty-miss=3", "--migration-audit"], &["--migration-audit"]);
+    let p = pair(&["--fault", "dirty-miss=1", "--migration-audit"], &["--migration-audit"]);
     let Pair { mut src, mut dst, src_ctl, dst_ctl, wire, cfg } = p;
     let r = refvmm::run_with_socket(&cfg, wire).unwrap_or_else(|e| panic!("the migration did not run: {e}"));
     println!("{}", r.timeline());
