@@ -25,7 +25,15 @@ pub fn start_with_control(extra: &[&str]) -> (ServerProcess, PathBuf) {
     let p = path.to_str().expect("a UTF-8 path").to_string();
     let mut args = vec!["--control", p.as_str()];
     args.extend_from_slice(extra);
-    (ServerProcess::start_with(&args), path)
+    let s = ServerProcess::start_with(&args);
+    // The readiness probe was a client: wait until the server has served and dropped it, so its power-on of the
+    // device (a new client gets a freshly reset VF, link up) cannot land after what the test does next.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !s.log().contains("client 1 disconnected") {
+        assert!(std::time::Instant::now() < deadline, "the readiness probe's session never ended:\n{}", s.log());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    (s, path)
 }
 
 pub struct ControlClient {
