@@ -106,7 +106,7 @@ fn fold(mut s: u32) -> u16 {
 }
 
 /// CONFIG_VSI_QUEUES for queue pair 0 (`struct virtchnl_vsi_queue_config_info` with one pair).
-fn queue_config(tx_ring: u64, rx_ring: u64, len: u16, buf: u32, max_frame: u32) -> Vec<u8> {
+pub(crate) fn queue_config(tx_ring: u64, rx_ring: u64, len: u16, buf: u32, max_frame: u32) -> Vec<u8> {
     let vsi = virtchnl::VSI_ID.to_le_bytes();
     let mut m = [vsi, 1u16.to_le_bytes()].concat();
     m.extend_from_slice(&[0; 4]);

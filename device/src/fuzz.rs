@@ -304,25 +304,7 @@ fn configure_pair(s: &Core, ring: u64, len: u16, buf: u32, max_frame: u32) {
 }
 
 fn queue_config(ring: u64, len: u16, buf: u32, max_frame: u32) -> Vec<u8> {
-    let vsi = virtchnl::VSI_ID.to_le_bytes();
-    let mut m = [vsi, 1u16.to_le_bytes()].concat();
-    m.extend_from_slice(&[0; 4]);
-    m.extend_from_slice(&vsi);
-    m.extend_from_slice(&0u16.to_le_bytes());
-    m.extend_from_slice(&len.to_le_bytes());
-    m.extend_from_slice(&0u16.to_le_bytes());
-    m.extend_from_slice(&ring.to_le_bytes());
-    m.extend_from_slice(&0u64.to_le_bytes());
-    m.extend_from_slice(&vsi);
-    m.extend_from_slice(&0u16.to_le_bytes());
-    m.extend_from_slice(&u32::from(len).to_le_bytes());
-    m.extend_from_slice(&[0; 4]);
-    m.extend_from_slice(&buf.to_le_bytes());
-    m.extend_from_slice(&max_frame.to_le_bytes());
-    m.extend_from_slice(&[0; 4]);
-    m.extend_from_slice(&ring.wrapping_add(0x1000).to_le_bytes());
-    m.extend_from_slice(&[0; 8]);
-    m
+    crate::bench::queue_config(ring, ring.wrapping_add(0x1000), len, buf, max_frame)
 }
 
 /// The device-state stream decoder (docs/migration-stream.md) over hostile bytes. The input's record header
