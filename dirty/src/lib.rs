@@ -104,20 +104,35 @@ impl PageBitmap {
             return;
         }
         let (lo, hi) = (lo - self.first_page, hi - self.first_page);
-        let mut w = lo / 64;
-        while w * 64 < hi {
-            let start = (w * 64).max(lo);
-            let end = ((w + 1) * 64).min(hi);
-            let mask = word_mask(start % 64, end - w * 64);
-            let word = &self.words[w as usize];
-            let mut bits = word.load(Ordering::Relaxed) & mask;
-            if bits != 0 && clear {
-                bits = word.fetch_and(!mask, Ordering::AcqRel) & mask;
-            }
+        let (first_w, last_w) = (lo / 64, (hi - 1) / 64);
+        if first_w == last_w {
+            self.drain_edge(first_w, word_mask(lo % 64, hi - first_w * 64), clear, &mut f);
+            return;
+        }
+        self.drain_edge(first_w, word_mask(lo % 64, 64), clear, &mut f);
+        // Whole interior words need no mask: a sparse bitmap costs a load per word.
+        let base = self.first_page + (first_w + 1) * 64;
+        for (i, word) in self.words[(first_w + 1) as usize..last_w as usize].iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
             if bits != 0 {
-                f(self.first_page + w * 64, bits);
+                if clear {
+                    bits = word.swap(0, Ordering::AcqRel);
+                }
+                f(base + i as u64 * 64, bits);
             }
-            w += 1;
+        }
+        self.drain_edge(last_w, word_mask(0, hi - last_w * 64), clear, &mut f);
+    }
+
+    /// One word of [`PageBitmap::drain_words`], masked.
+    fn drain_edge(&self, w: u64, mask: u64, clear: bool, f: &mut impl FnMut(u64, u64)) {
+        let word = &self.words[w as usize];
+        let mut bits = word.load(Ordering::Relaxed) & mask;
+        if bits != 0 && clear {
+            bits = word.fetch_and(!mask, Ordering::AcqRel) & mask;
+        }
+        if bits != 0 {
+            f(self.first_page + w * 64, bits);
         }
     }
 
