@@ -233,7 +233,7 @@ impl Datapath {
     /// checksummed and written into a posted buffer; the driver re-posts 32 buffers at a time.
     pub fn rx(&mut self, n: u64) {
         for _ in 0..n {
-            rx::receive(&self.core, self.frame.clone());
+            rx::receive(&self.core, &self.frame);
             self.rx_frames += 1;
             if self.rx_frames.is_multiple_of(u64::from(BATCH)) {
                 Self::arm(&self.file, &self.rx_image, RX_RING, RX_DESC, self.rx_tail, BATCH);

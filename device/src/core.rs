@@ -534,6 +534,12 @@ impl Core {
         self.mem.write(addr, data)
     }
 
+    /// Several engine accesses in order under one guest-memory lock ([`GuestMem::batch`]), each subject to
+    /// dma-error like [`Core::dma_read`].
+    pub fn dma_batch(&self) -> DmaBatch<'_> {
+        DmaBatch { core: self, b: self.mem.batch() }
+    }
+
     /// dma-error: one atomic load unless set; when it fires, the access fails and the failure is remembered so
     /// that the engine's error path ([`Core::malicious_driver`]) has the PF reset the VF.
     fn dma_fault(&self, addr: u64) -> Result<(), MemError> {
@@ -590,5 +596,23 @@ impl Core {
             d.nic.pf.stats.rx_discards += paused;
             d.nic.counters.rx_dropped_paused += paused;
         }
+    }
+}
+
+/// See [`Core::dma_batch`].
+pub struct DmaBatch<'c> {
+    core: &'c Core,
+    b: crate::mem::Batch<'c>,
+}
+
+impl DmaBatch<'_> {
+    pub fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.core.dma_fault(addr)?;
+        self.b.read(addr, buf)
+    }
+
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        self.core.dma_fault(addr)?;
+        self.b.write(addr, data)
     }
 }

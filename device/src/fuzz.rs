@@ -277,7 +277,7 @@ pub fn rx(data: &[u8]) {
         st.set_reg(QRX_TAIL1, u32::from(tail) % (len + 8));
     }
     for f in frames {
-        rx::receive(&s, f);
+        rx::receive(&s, &f);
     }
     rx::drain_rx(&s, 0);
     fm.check_read_only();

@@ -27,7 +27,7 @@ struct Loop(Mutex<Option<RxPort>>);
 impl FrameSink for Loop {
     fn transmit(&self, frame: &[u8]) {
         if let Some(p) = &*self.0.lock().unwrap() {
-            p.receive(frame.to_vec());
+            p.receive(frame);
         }
     }
 }

@@ -39,7 +39,7 @@ fn frame(tag: u8, len: usize) -> Vec<u8> {
 /// Starts `b`, collecting what it receives.
 fn start(b: &mut Backend) -> Receiver<Vec<u8>> {
     let (tx, rx) = unbounded();
-    b.start_with(move |f| tx.send(f).is_ok()).unwrap();
+    b.start_with(move |f| tx.send(f.to_vec()).is_ok()).unwrap();
     rx
 }
 

@@ -109,7 +109,10 @@ pub(crate) fn process_tx(core: &Core, q: u16) {
                 st.raise_queue(q, false);
                 held = Some(st);
             }
-            Err(e) => return disable(core, q, generation, cfg, e),
+            Err(e) => {
+                log::warn!("TX queue {q}: the walk from head {head} to tail {tail} (ring of {}) failed", cfg.len);
+                return disable(core, q, generation, cfg, e);
+            }
         }
     }
 }
@@ -165,10 +168,11 @@ fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32, buf: &mut Ve
     let mut frags = 0;
     let mut ctx: Option<u64> = None;
     let mut data_qw1: Option<u64> = None;
+    let mut dma = core.dma_batch();
     while i != tail {
         let at = desc_addr(ring, i, TX_DESC, 0)?;
         let mut d = [0u8; 16];
-        core.dma_read(at, &mut d)?;
+        dma.read(at, &mut d)?;
         let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
         let qw1 = u64::from_le_bytes(d[8..].try_into().unwrap());
         let wb = desc_addr(ring, i, TX_DESC, 8)?;
@@ -195,10 +199,10 @@ fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32, buf: &mut Ve
         if buf.len() < flen {
             buf.resize(flen, 0);
         }
-        core.dma_read(addr, &mut buf[start..flen])?;
+        dma.read(addr, &mut buf[start..flen])?;
         if qw1 & CMD_EOP != 0 {
             let done = (qw1 & !DTYPE_MASK) | DTYPE_DONE;
-            core.dma_write(wb, &done.to_le_bytes())?;
+            dma.write(wb, &done.to_le_bytes())?;
             let off = offload::decode(data_qw1.unwrap_or(qw1), ctx);
             return Ok(Some((i, flen, off)));
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::core::{AqWork, Core, DpWork, Kicks};
-use crate::engine::{aq, rx, tx};
+use crate::engine::{aq, port, rx, tx};
 use crate::nic::regs::{MAX_QUEUES, VF_ARQT1};
 
 /// How long the poller sleeps between looks at the doorbell page while a TX queue is enabled.
@@ -61,6 +61,7 @@ impl Workers {
 /// comes, so an idle server burns no CPU. It looks once more after polling stops, so stores made before the
 /// client unmapped the pages are not missed.
 fn datapath(core: &Core, rx: Receiver<DpWork>) {
+    port::enter_worker(&core.rx_gate);
     let mut seen = Seen::default();
     let mut generation = u64::MAX;
     let mut was_mapped = false;
@@ -76,6 +77,7 @@ fn datapath(core: &Core, rx: Receiver<DpWork>) {
         core.polling.store(poll, Ordering::Relaxed);
         if mapped || was_mapped {
             scan(core, &mut seen);
+            take_local(core);
         }
         was_mapped = mapped;
         let w = if poll {
@@ -94,12 +96,20 @@ fn datapath(core: &Core, rx: Receiver<DpWork>) {
             // Stores made before the pause was asked for are work the device finishes before it stops.
             if matches!(w, DpWork::Pause) && (mapped || was_mapped) {
                 scan(core, &mut seen);
+                take_local(core);
             }
             if !handle(core, w) {
                 return;
             }
+            take_local(core);
         }
     }
+}
+
+/// Receives the frames the worker's own TX sent to a loopback backend (queued by [`crate::RxPort`] on this
+/// thread), before the next message: a pause that follows finds them delivered.
+fn take_local(core: &Core) {
+    port::take_local(|frame| rx::receive(core, frame));
 }
 
 /// One message; false on Stop.
@@ -115,7 +125,7 @@ fn handle(core: &Core, w: DpWork) -> bool {
         }
         DpWork::Rx(frame) => {
             core.rx_gate.in_flight.fetch_sub(1, Ordering::AcqRel);
-            rx::receive(core, frame);
+            rx::receive(core, &frame);
         }
         DpWork::Poll => {}
         DpWork::Pause => core.pause.park(),

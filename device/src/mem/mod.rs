@@ -592,28 +592,14 @@ impl GuestMem {
     /// permission check is the one copied through. Mapped memory is copied under the read lock; the lock is never
     /// held while waiting for the client.
     fn access(&self, addr: u64, dir: Dir<'_>) -> Result<(), MemError> {
-        let write = matches!(dir, Dir::Write(_));
-        let total = match &dir {
-            Dir::Read(b) => b.len(),
-            Dir::Write(d) => d.len(),
-        };
-        let end = addr.checked_add(total as u64).ok_or(MemError::Unmapped(addr))?;
-        if total == 0 {
-            return Ok(()); // touches nothing, so needs no mapping
-        }
-        {
-            let t = self.rd();
-            let (iova, r) = t.find(addr).ok_or(MemError::Unmapped(addr))?;
-            if !(if write { r.writable } else { r.readable }) {
-                return Err(MemError::Denied(addr));
-            }
-            if end - iova <= r.size {
-                if let Backing::Mapped(m) = &r.backing {
-                    return copy_mapped(&t, r, m, addr - iova, addr, dir);
-                }
-            }
-        }
-        self.access_spanning(addr, end, dir)
+        self.batch().access(addr, dir)
+    }
+
+    /// Several accesses in program order under one read lock (an engine's descriptor read, buffer copy and
+    /// writeback): what one [`GuestMem::read`] or [`GuestMem::write`] costs in locking, paid once. Hold it for
+    /// one frame, never while waiting: DMA_MAP and DMA_UNMAP wait for it.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { mem: self, t: None }
     }
 
     /// A range over more than one mapping, or through the transport: checks that mappings cover the whole range
@@ -665,6 +651,52 @@ impl GuestMem {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// See [`GuestMem::batch`]. The read lock is taken at the first access and given up only for an access that
+/// needs the slow path (one spanning mappings, or through the transport, which must not be called under it).
+pub struct Batch<'m> {
+    mem: &'m GuestMem,
+    t: Option<RwLockReadGuard<'m, Table>>,
+}
+
+impl Batch<'_> {
+    pub fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.access(addr, Dir::Read(buf))
+    }
+
+    /// Becomes visible after every earlier write of the batch (a descriptor's status qword goes last).
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        std::sync::atomic::fence(Ordering::Release);
+        self.access(addr, Dir::Write(data))
+    }
+
+    /// The common case, a range inside one mapping the device may touch directly, costs one lookup: the mapping
+    /// found for the bounds and permission check is the one copied through, under the read lock.
+    fn access(&mut self, addr: u64, dir: Dir<'_>) -> Result<(), MemError> {
+        let write = matches!(dir, Dir::Write(_));
+        let total = match &dir {
+            Dir::Read(b) => b.len(),
+            Dir::Write(d) => d.len(),
+        };
+        let end = addr.checked_add(total as u64).ok_or(MemError::Unmapped(addr))?;
+        if total == 0 {
+            return Ok(()); // touches nothing, so needs no mapping
+        }
+        let mem = self.mem;
+        let t = self.t.get_or_insert_with(|| mem.rd());
+        let (iova, r) = t.find(addr).ok_or(MemError::Unmapped(addr))?;
+        if !(if write { r.writable } else { r.readable }) {
+            return Err(MemError::Denied(addr));
+        }
+        if end - iova <= r.size {
+            if let Backing::Mapped(m) = &r.backing {
+                return copy_mapped(t, r, m, addr - iova, addr, dir);
+            }
+        }
+        self.t = None;
+        mem.access_spanning(addr, end, dir)
     }
 }
 

@@ -249,10 +249,13 @@ pub(crate) fn suppressed(n: u64) -> String {
 
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
+/// Where [`Ingress`] hands a frame: false once nobody wants frames any more.
+type Deliver = dyn Fn(&[u8]) -> bool + Send + Sync;
+
 /// The receive path shared by a backend's reader threads: size checks, capture, delivery to the device.
 pub(crate) struct Ingress {
     name: String,
-    deliver: Box<dyn Fn(Vec<u8>) -> bool + Send + Sync>,
+    deliver: Box<Deliver>,
     pcap: Option<Arc<PcapWriter>>,
     bad_size: RateLimited,
 }
@@ -266,7 +269,7 @@ impl Ingress {
         if let Some(p) = &self.pcap {
             p.record(frame);
         }
-        (self.deliver)(frame.to_vec())
+        (self.deliver)(frame)
     }
 
     /// Whether a frame of `len` bytes may enter; logs (rate-limited) when not.
@@ -389,7 +392,7 @@ impl Backend {
     /// wants frames any more, which stops the readers.
     pub fn start_with<F>(&mut self, deliver: F) -> io::Result<()>
     where
-        F: Fn(Vec<u8>) -> bool + Send + Sync + 'static,
+        F: Fn(&[u8]) -> bool + Send + Sync + 'static,
     {
         if self.started {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: already started", self.name)));
