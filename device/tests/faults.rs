@@ -315,6 +315,27 @@ fn a_tail_written_during_a_reset_does_not_survive_it() {
     assert_eq!((s.counters.mdd_events, s.queues[0].tx_frames), (0, 0), "nothing walked the new ring: {s:?}");
 }
 
+/// The same frame's tail written after the reset completed, but before the driver configured the new rings (iavf
+/// stops its queues only once its reset task sees the reset done): ENABLE_QUEUES finds the latched tail pointing at
+/// an unwritten descriptor and drops it instead of calling the driver malicious; the next frame goes out as usual.
+/// (Seen once in CI on a 6.12 guest's MTU change: "TX queue 0 disabled (malicious driver detection)".)
+#[test]
+fn a_tail_written_for_the_old_ring_after_a_reset_is_dropped_at_enable() {
+    let (mut d, _ev) = bed(&[]);
+    d.bring_up(1, dm::RINGS);
+    d.send(OP_RESET_VF, &[]);
+    assert!(poll(SEC, || d.bus.read32(VF_ARQLEN1) & AQ_ENABLE == 0), "the reset began");
+    assert!(d.wait_active(SEC));
+    d.bus.write32(QTX_TAIL1, 5);
+    d.bring_up(1, dm::RINGS);
+    assert!(poll(SEC, || d.bus.read32(QTX_TAIL1) == 0), "the stale tail was dropped");
+    let s = d.bus.vf.stats();
+    assert_eq!((s.counters.mdd_events, s.queues[0].tx_frames), (0, 0), "nothing walked the new ring: {s:?}");
+    send_frame(&mut d, 0);
+    assert!(wait_tx_done(&mut d, 0), "the queue still works");
+    assert_eq!(d.bus.vf.stats().counters.mdd_events, 0);
+}
+
 // ---- aq-drop, aq-error -----------------------------------------------------------------------------------------
 
 #[test]

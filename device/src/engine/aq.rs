@@ -323,6 +323,7 @@ fn handle(core: &Core, d: &Desc, generation: u64) -> Result<After, ()> {
                 // from its head up to whatever tail was written.
                 for q in 0..16u16 {
                     if enabled.1 & (1 << q) != 0 {
+                        super::tx::drop_stale_tail(core, q);
                         core.kick_tail(q, false);
                     }
                     if enabled.0 & (1 << q) != 0 {

@@ -5,6 +5,7 @@ use crate::core::Core;
 use crate::engine::derive::{self, Ring};
 use crate::engine::{desc_addr, mdd, Mdd};
 use crate::nic::offload::{self, TxOffload};
+use crate::nic::regs::QTX_TAIL1;
 use crate::nic::virtchnl::TxQueue;
 
 pub const TX_DESC: u64 = 16;
@@ -208,6 +209,33 @@ fn tx_frame(core: &Core, ring: u64, len: u32, head: u32, tail: u32, buf: &mut Ve
         }
     }
     Ok(None)
+}
+
+/// At ENABLE_QUEUES, before the latched kick: a tail that points past a never-written (all-zero) descriptor at the
+/// head was written for the ring a VF reset replaced (iavf can transmit on the old ring until its reset task
+/// stops the queues, after the reset completed), not for this one. It is dropped (the tail register reads as the
+/// head), so the new ring starts empty instead of the walk calling a zero descriptor malicious; the driver's next
+/// tail write moves it on. A tail written for this ring (a frame posted before the queues were enabled) points at
+/// a written descriptor and is kept.
+pub(crate) fn drop_stale_tail(core: &Core, q: u16) {
+    let (cfg, head, tail) = {
+        let st = core.lock();
+        let Some(cfg) = st.nic.pf.tx.get(q as usize).copied().flatten() else { return };
+        (cfg, st.nic.queues[q as usize].tx_head, st.tx_tail(q))
+    };
+    if head == tail || head >= cfg.len || tail >= cfg.len {
+        return;
+    }
+    let Ok(at) = desc_addr(cfg.ring, head, TX_DESC, 0) else { return };
+    let mut d = [0u8; 16];
+    if core.mem.read(at, &mut d).is_err() || d != [0; 16] {
+        return; // a bad ring address is the walk's to report
+    }
+    let mut st = core.lock();
+    if st.nic.pf.tx.get(q as usize).copied().flatten() == Some(cfg) && st.tx_tail(q) == tail {
+        st.set_reg(QTX_TAIL1 + 4 * u64::from(q), head);
+        log::info!("TX queue {q}: tail {tail}, written before the ring was configured, points at unwritten descriptors: dropped");
+    }
 }
 
 type TxResult = Result<Option<(u32, usize, TxOffload)>, Mdd>;
