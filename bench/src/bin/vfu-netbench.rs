@@ -12,8 +12,9 @@
 //!    its per-frame work (checksum check, Toeplitz hash). 64 B and 1500 B are on-the-wire sizes: the device sees
 //!    60 and 1514 bytes (no FCS); `mbit_per_s` counts those bytes.
 //! 2. `tcp_host_to_guest` / `tcp_guest_to_host`: a Linux guest (QEMU TCG) with our VF on a tap backend moved into
-//!    a network namespace, and the same guest with QEMU's own virtio-net-pci (userspace backend, `vhost=off`) and
-//!    with QEMU's e1000e, each on a tap in a namespace, in the same run: busybox nc moves `--tcp-mib` MiB each way
+//!    a network namespace, and the same guest with QEMU's own virtio-net-pci (userspace backend, `vhost=off`), the
+//!    same with the guest's receive offloads off (`virtio-net-nogso`: frame-at-a-time receive, as a VF without LRO
+//!    does) and QEMU's e1000e, each on a tap in a namespace, in the same run: busybox nc moves `--tcp-mib` MiB each way
 //!    (the guest script is `qemu-configs/guest/bench-tcp.sh`), timed from the guest's /proc/uptime; the host checks
 //!    the bytes it gets back (SHA-256). The target (issue 13): our VF >= 1.0x virtio-net-pci in both directions.
 //!
@@ -926,23 +927,27 @@ const USER_HZ: f64 = 100.0;
 enum Nic {
     Vf,
     VirtioNet,
+    /// virtio-net-pci with the guest's receive offloads off (no TSO/ECN/UFO packets into the guest): the same
+    /// frame-at-a-time receive iavf does, since a VF has no LRO. Separates the offload from the rest.
+    VirtioNetNoGso,
     E1000e,
 }
 
 impl Nic {
-    const ALL: [Nic; 3] = [Nic::Vf, Nic::VirtioNet, Nic::E1000e];
+    const ALL: [Nic; 4] = [Nic::Vf, Nic::VirtioNet, Nic::VirtioNetNoGso, Nic::E1000e];
 
     fn name(self) -> &'static str {
         match self {
             Nic::Vf => "vfu",
             Nic::VirtioNet => "virtio-net",
+            Nic::VirtioNetNoGso => "virtio-net-nogso",
             Nic::E1000e => "e1000e",
         }
     }
     fn driver(self) -> &'static str {
         match self {
             Nic::Vf => "iavf",
-            Nic::VirtioNet => "virtio_net",
+            Nic::VirtioNet | Nic::VirtioNetNoGso => "virtio_net",
             Nic::E1000e => "e1000e",
         }
     }
@@ -951,6 +956,7 @@ impl Nic {
         match self {
             Nic::Vf => None,
             Nic::VirtioNet => Some("virtio-net-pci"),
+            Nic::VirtioNetNoGso => Some("virtio-net-pci,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off"),
             Nic::E1000e => Some("e1000e"),
         }
     }
@@ -1250,7 +1256,7 @@ fn tcp_trial(nic: Nic, cli: &Cli, paths: &Paths, data: &Arc<Vec<u8>>, want_hash:
             run(Command::new("ip").args(["link", "set", &tap, "netns", &ns.name]))?;
             server = Some(p);
         }
-        Nic::VirtioNet | Nic::E1000e => {
+        Nic::VirtioNet | Nic::VirtioNetNoGso | Nic::E1000e => {
             ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
         }
     }
@@ -1284,7 +1290,7 @@ fn tcp_trial(nic: Nic, cli: &Cli, paths: &Paths, data: &Arc<Vec<u8>>, want_hash:
             c.arg("--socket").arg(dir.0.join("vf.sock"));
             c
         }
-        Nic::VirtioNet | Nic::E1000e => {
+        Nic::VirtioNet | Nic::VirtioNetNoGso | Nic::E1000e => {
             // QEMU attaches to the tap by name, so it runs in the namespace (`ip netns exec` execs: same PID).
             // vhost=off: virtio-net's datapath stays in QEMU (its main loop), the userspace backend.
             let device = nic.qemu_device().unwrap_or_default();
@@ -1485,6 +1491,7 @@ fn tcp_part(cli: &Cli) -> Res<()> {
         }
         let vs_virtio = med(Nic::Vf, g) / med(Nic::VirtioNet, g);
         println!("ratio name={name} vs=virtio-net value={vs_virtio:.2}");
+        println!("ratio name={name} vs=virtio-net-nogso value={:.2}", med(Nic::Vf, g) / med(Nic::VirtioNetNoGso, g));
         println!("ratio name={name} vs=e1000e value={:.2}", med(Nic::Vf, g) / med(Nic::E1000e, g));
         println!(
             "target name=tcp_vf_vs_virtio dir={dir} value={vs_virtio:.3} min=1.0 {}",

@@ -208,7 +208,17 @@ fn check_file(file: &File, offset: u64, size: u64, iova: u64) -> Result<(), Errn
     }
     let sealed = rustix::fs::fcntl_get_seals(file).is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK));
     if !sealed {
-        log::info!("DMA_MAP {iova:#x}+{size:#x}: the client's file is not sealed against shrinking");
+        // Once per process at info: a client that does not seal maps every region that way, and a log line per
+        // DMA_MAP cost more than the mapping.
+        static SAID: AtomicBool = AtomicBool::new(false);
+        if SAID.swap(true, Ordering::Relaxed) {
+            log::debug!("DMA_MAP {iova:#x}+{size:#x}: the client's file is not sealed against shrinking");
+        } else {
+            log::info!(
+                "DMA_MAP {iova:#x}+{size:#x}: the client's file is not sealed against shrinking (said once; later \
+                 ones at debug level)"
+            );
+        }
     }
     Ok(())
 }
