@@ -1295,11 +1295,24 @@ impl testkit::Bus for MemBus {
     }
 }
 
-/// One server with `--queues 16`: its RSS idle, and after the driver model brought all 16 queue pairs up (rings
-/// of 512 descriptors in 4 MiB of memfd memory mapped with DMA_MAP).
+/// One server with `--queues 16` and the loopback backend: its RSS idle, after the driver model brought all 16
+/// queue pairs up (64-descriptor rings in 4 MiB of memfd memory mapped with DMA_MAP), and after traffic on all of
+/// them: every RX ring filled with buffers, then 32 UDP frames of different flows sent on each TX queue, which
+/// the loopback turns into received frames that RSS spreads over the 16 RX queues.
 fn queues16(server_bin: &Path, dir: &Path, x: &mut Extras) -> Result<(), String> {
+    use device::nic::adminq::ArqMsg;
+    use device::nic::regs::{QRX_TAIL1, QTX_TAIL1};
+    use device::nic::virtchnl::{OP_CONFIG_RSS_KEY, OP_GET_RSS_HENA_CAPS, OP_SET_RSS_HENA, RSS_KEY_SIZE, VSI_ID};
+    use testkit::Bus;
     const BASE: u64 = 0x40_0000;
     const SIZE: u64 = 4 << 20;
+    const PAIRS: u64 = 16;
+    const LEN: u64 = 64;
+    const FRAMES: u64 = 32;
+    let tx_ring = |q: u64| BASE + 0x10_0000 + q * 0x1000;
+    let rx_ring = |q: u64| BASE + 0x18_0000 + q * 0x1000;
+    let rx_buf = |q: u64, i: u64| BASE + 0x20_0000 + (q * LEN + i) * 2048;
+    let tx_buf = |q: u64, i: u64| BASE + 0x8_0000 + (q * FRAMES + i) * 128;
     let sock = dir.join("q16.sock");
     let mut cmd = Command::new(server_bin);
     cmd.arg("--socket").arg(&sock).args(["--queues", "16", "--backend", "loopback"]).env("RUST_LOG", "warn");
@@ -1319,22 +1332,89 @@ fn queues16(server_bin: &Path, dir: &Path, x: &mut Extras) -> Result<(), String>
     if !d.wait_active(Duration::from_secs(2)) {
         return Err("--queues 16 server: VFGEN_RSTAT never read VFACTIVE".into());
     }
-    let res = d.bring_up(16, BASE + 0x10_0000);
+    let rings: Vec<(u64, u64)> = (0..PAIRS).map(|q| (tx_ring(q), rx_ring(q))).collect();
+    let res = d.bring_up_with(&rings, LEN as u16, &[(1, 0xffff, 0xffff), (0, 0, 0)]);
     let pairs = u16::from_le_bytes([res[2], res[3]]);
     if pairs != 16 {
         return Err(format!("--queues 16 server offered {pairs} queue pairs"));
     }
     std::thread::sleep(Duration::from_millis(50));
-    let (up, hwm) = p.rss_kib()?;
+    let (up, _) = p.rss_kib()?;
+    // RSS as iavf sets it: a key and the hash types; the device's default table spreads over the 16 queues.
+    let mut key = [VSI_ID.to_le_bytes(), (RSS_KEY_SIZE as u16).to_le_bytes()].concat();
+    key.extend((0..=RSS_KEY_SIZE).map(|i| (i as u8).wrapping_mul(37).wrapping_add(0x6d)));
+    let ok = |what: &str, m: ArqMsg| {
+        if m.status == 0 {
+            Ok(m)
+        } else {
+            Err(format!("{what}: status {}", m.status))
+        }
+    };
+    ok("CONFIG_RSS_KEY", d.request(OP_CONFIG_RSS_KEY, &key))?;
+    let hena = ok("GET_RSS_HENA_CAPS", d.request(OP_GET_RSS_HENA_CAPS, &[]))?;
+    ok("SET_RSS_HENA", d.request(OP_SET_RSS_HENA, &hena.payload))?;
+    let mac: [u8; 6] = res.get(30..36).and_then(|m| m.try_into().ok()).ok_or("short GET_VF_RESOURCES")?;
+    for q in 0..PAIRS {
+        for i in 0..LEN - 1 {
+            d.bus.mem_write(rx_ring(q) + 32 * i, &[rx_buf(q, i).to_le_bytes(), [0; 8], [0; 8], [0; 8]].concat());
+        }
+        d.bus.write32(QRX_TAIL1 + 4 * q, (LEN - 1) as u32);
+    }
+    for q in 0..PAIRS {
+        for i in 0..FRAMES {
+            let mut f = device::bench::udp_frame(mac, 64);
+            f[34..36].copy_from_slice(&(1000 + (q * FRAMES + i) as u16).to_be_bytes());
+            f[40..42].copy_from_slice(&[0, 0]); // no UDP checksum (IPv4 allows it): the port changed
+            d.bus.mem_write(tx_buf(q, i), &f);
+            let qw1 = 0x30 | ((f.len() as u64) << 34); // EOP | RS, DTYPE data
+            d.bus.mem_write(tx_ring(q) + 16 * i, &[tx_buf(q, i).to_le_bytes(), qw1.to_le_bytes()].concat());
+        }
+        d.bus.write32(QTX_TAIL1 + 4 * q, FRAMES as u32);
+    }
+    let t = Instant::now();
+    let done = |d: &mut testkit::DriverModel<MemBus>, q: u64| {
+        let mut b = [0u8; 8];
+        d.bus.mem_read(tx_ring(q) + 16 * (FRAMES - 1) + 8, &mut b);
+        u64::from_le_bytes(b) & 0xf == 0xf
+    };
+    while !(0..PAIRS).all(|q| done(&mut d, q)) {
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err("--queues 16 server: TX not done on every queue within 5 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Frames received per RX queue: descriptors with DD set.
+    let mut per_q = Vec::new();
+    for q in 0..PAIRS {
+        let mut n = 0;
+        for i in 0..LEN - 1 {
+            let mut b = [0u8; 8];
+            d.bus.mem_read(rx_ring(q) + 32 * i + 8, &mut b);
+            n += u64::from_le_bytes(b) & 1;
+        }
+        per_q.push(n);
+    }
+    let (received, hit) = (per_q.iter().sum::<u64>(), per_q.iter().filter(|&&n| n > 0).count());
+    std::thread::sleep(Duration::from_millis(50));
+    let (busy, hwm) = p.rss_kib()?;
     if let Some(why) = p.exited() {
         return Err(why);
     }
-    println!("rss name=queues16 queue_pairs=16 idle_vmrss_kib={idle} up_vmrss_kib={up} vmhwm_kib={hwm} traffic=none");
+    println!(
+        "rss name=queues16 queue_pairs=16 idle_vmrss_kib={idle} up_vmrss_kib={up} traffic_vmrss_kib={busy} \
+         vmhwm_kib={hwm} frames_sent={} frames_received={received} rx_queues_hit={hit}",
+        PAIRS * FRAMES
+    );
+    if received == 0 || hit < 2 {
+        return Err(format!("--queues 16 server: {received} frames came back, on {hit} RX queues: {per_q:?}"));
+    }
     let met = hwm <= QUEUES16_RSS_TARGET_KIB;
     target_line("queues16_rss_kib", None, hwm.to_string(), QUEUES16_RSS_TARGET_KIB.to_string(), met);
     x.summary.push(format!(
-        "--queues 16: RSS {idle} KiB idle, {up} KiB with 16 queue pairs up (peak {hwm} KiB; target <= \
-         {QUEUES16_RSS_TARGET_KIB}: {}; no traffic)",
+        "--queues 16: RSS {idle} KiB idle, {up} KiB with 16 queue pairs up, {busy} KiB after traffic on all of them \
+         ({} frames sent, {received} received on {hit} RX queues; peak {hwm} KiB; target <= \
+         {QUEUES16_RSS_TARGET_KIB}: {})",
+        PAIRS * FRAMES,
         met_word(met)
     ));
     drop(d);
