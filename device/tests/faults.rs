@@ -104,6 +104,13 @@ fn link_changes(d: &mut DriverModel<VfBus>, within: Duration) -> Vec<bool> {
     out
 }
 
+/// Drops what a bring-up left for the driver (ARQ messages) and for event subscribers, so a test sees only what
+/// follows.
+fn quiet(d: &mut DriverModel<VfBus>, ev: &Receiver<Event>) {
+    while d.recv(Duration::from_millis(100)).is_some() {}
+    let _ = drain(ev, Duration::from_millis(10));
+}
+
 fn link_events(evs: &[Event]) -> Vec<(bool, String)> {
     evs.iter()
         .filter_map(|e| match e {
@@ -538,8 +545,7 @@ fn irq_drop_loses_interrupts() {
 fn dma_error_is_reported_as_malicious_driver_and_the_pf_resets_the_vf() {
     let (mut d, ev) = bed(&[]);
     let _irq = up(&mut d);
-    while d.recv(Duration::from_millis(100)).is_some() {}
-    let _ = drain(&ev, Duration::from_millis(10));
+    quiet(&mut d, &ev);
     set(&d, "dma-error");
     send_frame(&mut d, 0);
     assert!(d.wait_event(EVENT_RESET_IMPENDING, SEC).is_some(), "the PF resets the VF");
@@ -565,8 +571,7 @@ fn dma_error_is_reported_as_malicious_driver_and_the_pf_resets_the_vf() {
 fn dma_error_in_the_admin_queue_stalls_it_and_the_pf_resets_the_vf() {
     let (mut d, ev) = bed(&[]);
     d.bring_up(1, dm::RINGS);
-    while d.recv(Duration::from_millis(100)).is_some() {}
-    let _ = drain(&ev, Duration::from_millis(10));
+    quiet(&mut d, &ev);
     set(&d, "dma-error");
     d.send(OP_GET_STATS, &dm::msg_queue_select(0, 0));
     assert!(d.wait_reset_done(SEC), "the PF resets the VF");
@@ -585,8 +590,7 @@ fn dma_error_in_the_admin_queue_stalls_it_and_the_pf_resets_the_vf() {
 fn a_stalled_admin_queue_is_not_walked_again_by_later_kicks() {
     let (mut d, ev) = bed(&[]);
     d.bring_up(1, dm::RINGS);
-    while d.recv(Duration::from_millis(100)).is_some() {}
-    let _ = drain(&ev, Duration::from_millis(10));
+    quiet(&mut d, &ev);
     d.bus.write32(VF_ATQBAH1, 0x7fff); // the ring now lies outside guest memory
     let t = d.bus.read32(VF_ATQT1);
     d.bus.write32(VF_ATQT1, (t + 1) % 32);
