@@ -1300,9 +1300,8 @@ impl testkit::Bus for MemBus {
 /// them: every RX ring filled with buffers, then 32 UDP frames of different flows sent on each TX queue, which
 /// the loopback turns into received frames that RSS spreads over the 16 RX queues.
 fn queues16(server_bin: &Path, dir: &Path, x: &mut Extras) -> Result<(), String> {
-    use device::nic::adminq::ArqMsg;
     use device::nic::regs::{QRX_TAIL1, QTX_TAIL1};
-    use device::nic::virtchnl::{OP_CONFIG_RSS_KEY, OP_GET_RSS_HENA_CAPS, OP_SET_RSS_HENA, RSS_KEY_SIZE, VSI_ID};
+    use device::nic::virtchnl::{OP_CONFIG_RSS_KEY, OP_GET_RSS_HENA_CAPS, OP_SET_RSS_HENA};
     use testkit::Bus;
     const BASE: u64 = 0x40_0000;
     const SIZE: u64 = 4 << 20;
@@ -1341,18 +1340,9 @@ fn queues16(server_bin: &Path, dir: &Path, x: &mut Extras) -> Result<(), String>
     std::thread::sleep(Duration::from_millis(50));
     let (up, _) = p.rss_kib()?;
     // RSS as iavf sets it: a key and the hash types; the device's default table spreads over the 16 queues.
-    let mut key = [VSI_ID.to_le_bytes(), (RSS_KEY_SIZE as u16).to_le_bytes()].concat();
-    key.extend((0..=RSS_KEY_SIZE).map(|i| (i as u8).wrapping_mul(37).wrapping_add(0x6d)));
-    let ok = |what: &str, m: ArqMsg| {
-        if m.status == 0 {
-            Ok(m)
-        } else {
-            Err(format!("{what}: status {}", m.status))
-        }
-    };
-    ok("CONFIG_RSS_KEY", d.request(OP_CONFIG_RSS_KEY, &key))?;
-    let hena = ok("GET_RSS_HENA_CAPS", d.request(OP_GET_RSS_HENA_CAPS, &[]))?;
-    ok("SET_RSS_HENA", d.request(OP_SET_RSS_HENA, &hena.payload))?;
+    d.request_ok("CONFIG_RSS_KEY", OP_CONFIG_RSS_KEY, &testkit::msg_rss_key())?;
+    let hena = d.request_ok("GET_RSS_HENA_CAPS", OP_GET_RSS_HENA_CAPS, &[])?;
+    d.request_ok("SET_RSS_HENA", OP_SET_RSS_HENA, &hena.payload)?;
     let mac: [u8; 6] = res.get(30..36).and_then(|m| m.try_into().ok()).ok_or("short GET_VF_RESOURCES")?;
     for q in 0..PAIRS {
         for i in 0..LEN - 1 {

@@ -178,6 +178,17 @@ impl<B: Bus> DriverModel<B> {
         panic!("no reply to virtchnl op {op}");
     }
 
+    /// [`DriverModel::request`] for tools that report rather than panic: the reply if its status is success,
+    /// else an error naming `what`.
+    pub fn request_ok(&mut self, what: &str, op: u32, msg: &[u8]) -> Result<ArqMsg, String> {
+        let m = self.request(op, msg);
+        if m.status == 0 {
+            Ok(m)
+        } else {
+            Err(format!("{what}: status {}", m.status))
+        }
+    }
+
     /// The next event of `code` (from `unsolicited` or the ARQ).
     pub fn wait_event(&mut self, code: i32, within: Duration) -> Option<ArqMsg> {
         let is = |m: &ArqMsg| {
@@ -255,6 +266,14 @@ pub fn msg_irq_map(entries: &[(u16, u16, u16)]) -> Vec<u8> {
             m.extend_from_slice(&x.to_le_bytes());
         }
     }
+    m
+}
+
+/// CONFIG_RSS_KEY with a fixed key of no pattern a hash would hide, sized as iavf sizes the message: one byte
+/// longer than the key.
+pub fn msg_rss_key() -> Vec<u8> {
+    let mut m = [VSI_ID.to_le_bytes(), (RSS_KEY_SIZE as u16).to_le_bytes()].concat();
+    m.extend((0..=RSS_KEY_SIZE).map(|i| (i as u8).wrapping_mul(37).wrapping_add(0x6d)));
     m
 }
 

@@ -503,20 +503,13 @@ impl Rig {
 
 /// iavf's probe for one queue pair with 512-entry rings and RSS on (key, LUT, every hash type the PF offers).
 fn bring_up(d: &mut DriverModel<BenchBus>) -> Res<[u8; 6]> {
-    let ok = |what: &str, m: device::nic::adminq::ArqMsg| {
-        if m.status == 0 {
-            Ok(m)
-        } else {
-            Err(format!("{what}: status {}", m.status))
-        }
-    };
     d.init_aq();
-    ok("VERSION", d.request(OP_VERSION, &dm::msg_version(1, 1)))?;
+    d.request_ok("VERSION", OP_VERSION, &dm::msg_version(1, 1))?;
     let caps = CAP_L2 | CAP_RSS_PF | CAP_ADV_LINK_SPEED;
-    let res = ok("GET_VF_RESOURCES", d.request(OP_GET_VF_RESOURCES, &caps.to_le_bytes()))?;
-    ok("CONFIG_IRQ_MAP", d.request(OP_CONFIG_IRQ_MAP, &dm::msg_irq_map(&[(1, 1, 1), (0, 0, 0)])))?;
+    let res = d.request_ok("GET_VF_RESOURCES", OP_GET_VF_RESOURCES, &caps.to_le_bytes())?;
+    d.request_ok("CONFIG_IRQ_MAP", OP_CONFIG_IRQ_MAP, &dm::msg_irq_map(&[(1, 1, 1), (0, 0, 0)]))?;
     let mac: [u8; 6] = res.payload.get(30..36).and_then(|m| m.try_into().ok()).ok_or("short GET_VF_RESOURCES")?;
-    ok("ADD_ETH_ADDR", d.request(OP_ADD_ETH_ADDR, &dm::msg_eth_addrs(&[mac])))?;
+    d.request_ok("ADD_ETH_ADDR", OP_ADD_ETH_ADDR, &dm::msg_eth_addrs(&[mac]))?;
     let mut q = dm::msg_config_queues(1, TX_RING, RING as u16, BUF as u32, MAX_FRAME);
     // msg_config_queues puts the RX ring 4 KiB after the TX ring, too close for 512 entries: move it. The RX
     // ring address is the 8 bytes at 24 in the RX part, which follows the 8-byte header and the 24-byte TX part.
@@ -525,17 +518,15 @@ fn bring_up(d: &mut DriverModel<BenchBus>) -> Res<[u8; 6]> {
         return Err("msg_config_queues layout changed: RX ring address not where expected".into());
     }
     q[RX_RING_AT..RX_RING_AT + 8].copy_from_slice(&RX_RING.to_le_bytes());
-    ok("CONFIG_VSI_QUEUES", d.request(OP_CONFIG_VSI_QUEUES, &q))?;
+    d.request_ok("CONFIG_VSI_QUEUES", OP_CONFIG_VSI_QUEUES, &q)?;
     // RSS as iavf sets it up; iavf sizes these messages one byte longer than the key and the LUT.
-    let mut key = [VSI_ID.to_le_bytes(), (RSS_KEY_SIZE as u16).to_le_bytes()].concat();
-    key.extend((0..=RSS_KEY_SIZE).map(|i| (i as u8).wrapping_mul(37).wrapping_add(0x6d)));
-    ok("CONFIG_RSS_KEY", d.request(OP_CONFIG_RSS_KEY, &key))?;
+    d.request_ok("CONFIG_RSS_KEY", OP_CONFIG_RSS_KEY, &dm::msg_rss_key())?;
     let mut lut = [VSI_ID.to_le_bytes(), (RSS_LUT_SIZE as u16).to_le_bytes()].concat();
     lut.extend(std::iter::repeat_n(0u8, RSS_LUT_SIZE + 1));
-    ok("CONFIG_RSS_LUT", d.request(OP_CONFIG_RSS_LUT, &lut))?;
-    let hena = ok("GET_RSS_HENA_CAPS", d.request(OP_GET_RSS_HENA_CAPS, &[]))?;
-    ok("SET_RSS_HENA", d.request(OP_SET_RSS_HENA, &hena.payload))?;
-    ok("ENABLE_QUEUES", d.request(OP_ENABLE_QUEUES, &dm::msg_queue_select(1, 1)))?;
+    d.request_ok("CONFIG_RSS_LUT", OP_CONFIG_RSS_LUT, &lut)?;
+    let hena = d.request_ok("GET_RSS_HENA_CAPS", OP_GET_RSS_HENA_CAPS, &[])?;
+    d.request_ok("SET_RSS_HENA", OP_SET_RSS_HENA, &hena.payload)?;
+    d.request_ok("ENABLE_QUEUES", OP_ENABLE_QUEUES, &dm::msg_queue_select(1, 1))?;
     Ok(mac)
 }
 
