@@ -75,6 +75,78 @@ fn max_dma_regions_is_advertised_and_enforced_with_enospc() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// Open files and mappings (RLIMIT_NOFILE, vm.max_map_count)
+// ------------------------------------------------------------------------------------------------------------
+
+/// Sets the server's open-file limit (soft and hard) from outside, as an administrator's prlimit would.
+fn limit_open_files(s: &ServerProcess, n: u64) {
+    let pid = rustix::process::Pid::from_raw(s.pid() as i32).expect("pid");
+    let l = rustix::process::Rlimit { current: Some(n), maximum: Some(n) };
+    rustix::process::prlimit(Some(pid), rustix::process::Resource::Nofile, l).expect("prlimit");
+}
+
+fn mapping_count(s: &ServerProcess) -> usize {
+    std::fs::read_to_string(format!("/proc/{}/maps", s.pid())).expect("maps").lines().count()
+}
+
+/// A VMM behind a vIOMMU maps guest RAM page by page: thousands of DMA_MAPs of one memfd. They cost the server one
+/// fd and one mmap for the file, not one per region (which ran into the open-file limit at about 1,000).
+#[test]
+fn dma_maps_of_one_file_share_one_fd_and_one_mapping() {
+    let mut s = ServerProcess::start();
+    let mut c = s.connect_negotiated();
+    limit_open_files(&s, 128);
+    let (fds, maps) = (s.fd_count(), mapping_count(&s));
+    const N: u64 = 2000;
+    let mem = memfd(N * 0x1000);
+    for i in 0..N {
+        let iova = 0x1_0000_0000 + i * 0x2000;
+        c.dma_map(iova, 0x1000, DMA_RW, Some((mem.as_fd(), (N - 1 - i) * 0x1000))).ok(&format!("map {i}"));
+    }
+    assert!(s.fd_count() <= fds + 1, "{} fds for {N} regions of one file (from {fds})", s.fd_count());
+    assert!(mapping_count(&s) <= maps + 1, "{} mappings for {N} regions (from {maps})", mapping_count(&s));
+    still_works(&mut c, "after the maps");
+    for i in (0..N).step_by(2) {
+        c.dma_unmap(0x1_0000_0000 + i * 0x2000, 0x1000, 0).ok("unmap half");
+    }
+    assert!(s.fd_count() <= fds + 1, "half unmapped: still one fd");
+    c.dma_unmap(0, 0, UNMAP_ALL).ok("unmap all");
+    assert_eq!(s.wait_fd_count(fds, Duration::from_secs(2)), fds, "the last region took the file's fd with it");
+    s.assert_alive();
+}
+
+/// A client that sends more distinct files than the server may keep open gets EMFILE for the one that did not fit
+/// (the kernel drops an fd it cannot install), with a log line that names the limit; the connection goes on.
+#[test]
+fn a_server_at_its_open_file_limit_answers_emfile_and_goes_on() {
+    let mut s = ServerProcess::start();
+    let mut c = s.connect_negotiated();
+    let room = 6;
+    limit_open_files(&s, (s.fd_count() + room) as u64);
+    let files: Vec<_> = (0..room + 2).map(|_| memfd(0x1000)).collect();
+    let mut mapped = 0;
+    let mut refused = None;
+    for (i, f) in files.iter().enumerate() {
+        let r = c.dma_map(0x10_0000 * (i as u64 + 1), 0x1000, DMA_RW, Some((f.as_fd(), 0)));
+        match r.errno {
+            None => mapped += 1,
+            Some(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, e) = refused.expect("some DMA_MAP past the open-file limit is refused");
+    assert_eq!(e, libc::EMFILE, "DMA_MAP {i} at the limit: EMFILE");
+    assert!(mapped >= room - 2, "only {mapped} files mapped with room for {room} fds");
+    assert!(s.log().contains("open-file limit (RLIMIT_NOFILE)"), "the refusal names the limit");
+    still_works(&mut c, "after the refusal");
+    c.dma_unmap(0x10_0000, 0x1000, 0).ok("unmap the first file");
+    c.dma_map(0x10_0000 * (i as u64 + 1), 0x1000, DMA_RW, Some((files[i].as_fd(), 0))).ok("room again");
+    s.assert_alive();
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // --max-data-xfer-size
 // ------------------------------------------------------------------------------------------------------------
 

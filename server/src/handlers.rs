@@ -112,6 +112,13 @@ impl<D: VfioDevice> Ctx<'_, D> {
         if h.has_unknown_flags() || h.flags & FLAG_ERROR != 0 {
             reject!(Errno::EINVAL, "{name}: bad header flags {:#x}", h.flags);
         }
+        if msg.fds_truncated && msg.fds.len() < MAX_MSG_FDS {
+            // The kernel installs what fits and drops the rest: this process is at its open-file limit.
+            reject!(
+                Errno(libc::EMFILE),
+                "{name}: the kernel dropped fds sent with it: the server is at its open-file limit (RLIMIT_NOFILE)"
+            );
+        }
         if msg.fds_truncated || msg.fds.len() > MAX_MSG_FDS {
             reject!(Errno::EINVAL, "{name}: more than {MAX_MSG_FDS} fds");
         }

@@ -246,7 +246,8 @@ fn run(cli: Cli) -> std::io::Result<()> {
         (None, Some(fd)) => (sys::adopt_fd(fd)?, None),
         (None, None) => unreachable!("clap requires --socket or --fd"),
     };
-    log::info!("limits: {limits:?}, ARQ queue {}", cli.max_arq_queued);
+    let nofile = sys::raise_nofile_limit().map_or("unlimited".to_string(), |n| n.to_string());
+    log::info!("limits: {limits:?}, ARQ queue {}, open files {nofile}", cli.max_arq_queued);
     if cli.dirty_log == "descriptors" {
         log::info!("dirty logging reports the pages descriptors let the device write (--dirty-log descriptors)");
         mem.set_derived_log(true);

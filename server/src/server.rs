@@ -499,6 +499,14 @@ impl<D: VfioDevice> Server<D> {
                     if !more && !to_end {
                         break;
                     }
+                    // Replies go out before the next read: after a message with fds that read usually finds
+                    // nothing, and the client is waiting for the reply, not for it.
+                    let Some(s) = &mut self.session else { return };
+                    if s.conn.has_output() {
+                        if let Err(e) = s.conn.flush() {
+                            return self.end_session(&format!("write error: {e}"));
+                        }
+                    }
                 }
                 Ok(ReadStatus::WouldBlock) => break,
                 Ok(ReadStatus::Closed) if s.conn.has_output() => {

@@ -127,3 +127,18 @@ pub fn on_sigusr1(handle: device::PfResetHandle) -> io::Result<()> {
     })?;
     Ok(())
 }
+
+/// Raises the soft open-file limit to the hard one, as servers that hold many client fds do: each DMA mapping of
+/// a distinct file and each interrupt eventfd is an open fd, and the usual soft limit (1,024) is far below what
+/// VERSION's max_dma_maps promises. Returns the limit now in force.
+pub fn raise_nofile_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            log::warn!("raising the open-file limit to {:?}: {e}", l.maximum);
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}

@@ -6,7 +6,7 @@
 //! access is checked against the mappings and their permissions; nothing a guest puts in a descriptor can reach
 //! memory outside them. Every device write marks the pages it touches in the region's dirty bitmap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -57,8 +57,32 @@ impl fmt::Display for MemError {
 impl std::error::Error for MemError {}
 
 enum Backing {
-    Mapped(MmapRegion<()>),
+    Mapped(Mapped),
     Remote,
+}
+
+/// A region's window into an mmap of the client's file.
+struct Mapped {
+    map: Arc<MmapRegion<()>>,
+    /// Where the region starts in `map`.
+    base: usize,
+    /// `map` is the whole-file mapping [`Table::files`] keeps under this key, shared with other regions.
+    shared: Option<FileKey>,
+}
+
+/// A client file as the kernel knows it (the fd numbers differ with every message), and the access mapped.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    prot: i32,
+}
+
+/// A whole-file mapping and what the fstat that made it said.
+struct FileMap {
+    map: Arc<MmapRegion<()>>,
+    /// Sealed against shrinking (seals are never removed, so no need to ask again).
+    sealed: bool,
 }
 
 struct Region {
@@ -184,6 +208,12 @@ struct Table {
     faults: Option<Arc<Faults>>,
     /// Bytes of fd-backed (mmap'd) regions, kept as regions come and go so DMA_MAP's limit check is O(1).
     mapped_bytes: u64,
+    /// One mapping per client file and access, shared by every region mapped from it: a VMM that maps guest RAM
+    /// page by page (a vIOMMU) costs one mmap and one open fd per file, not per region (an fd per region ran into
+    /// the usual 1,024 open-file limit, a VMA per region into vm.max_map_count).
+    files: HashMap<FileKey, FileMap>,
+    /// Bytes of the mappings in `files` (address space only; bounded like `mapped_bytes`).
+    file_bytes: u64,
 }
 
 impl Table {
@@ -194,18 +224,25 @@ impl Table {
 }
 
 /// An mmap past the end of the file would SIGBUS the server on first access, so the file must cover the mapping.
-/// A file the client can still shrink could do the same later; that needs an F_SEAL_SHRINK seal, which QEMU's
-/// memfd backend sets by default, so its absence is only logged.
-fn check_file(file: &File, offset: u64, size: u64, iova: u64) -> Result<(), Errno> {
+/// Returns the file's key and size.
+fn check_file(file: &File, offset: u64, size: u64, iova: u64, prot: i32) -> Result<(FileKey, u64), Errno> {
     let st = rustix::fs::fstat(file).map_err(|e| Errno(e.raw_os_error()))?;
     let end = offset.checked_add(size).ok_or(Errno::EINVAL)?;
-    if u64::try_from(st.st_size).unwrap_or(0) < end {
-        log::warn!(
-            "DMA_MAP {iova:#x}+{size:#x}: fd offset {offset:#x} + size runs past the file's {} bytes",
-            st.st_size
-        );
+    let file_size = u64::try_from(st.st_size).unwrap_or(0);
+    if file_size < end {
+        log::warn!("DMA_MAP {iova:#x}+{size:#x}: fd offset {offset:#x} + size runs past the file's {file_size} bytes");
         return Err(Errno::EINVAL);
     }
+    if !offset.is_multiple_of(PAGE_SIZE) {
+        log::warn!("DMA_MAP {iova:#x}+{size:#x}: fd offset {offset:#x} is not page aligned");
+        return Err(Errno::EINVAL);
+    }
+    Ok((FileKey { dev: st.st_dev, ino: st.st_ino, prot }, file_size))
+}
+
+/// A file the client can still shrink could SIGBUS the server later; that needs an F_SEAL_SHRINK seal, which QEMU's
+/// memfd backend sets by default, so its absence is only logged.
+fn sealed(file: &File, iova: u64, size: u64) -> bool {
     let sealed = rustix::fs::fcntl_get_seals(file).is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK));
     if !sealed {
         // Once per process at info: a client that does not seal maps every region that way, and a log line per
@@ -220,13 +257,38 @@ fn check_file(file: &File, offset: u64, size: u64, iova: u64) -> Result<(), Errn
             );
         }
     }
-    Ok(())
+    sealed
+}
+
+fn mmap(file: File, offset: u64, len: u64, prot: i32, iova: u64, size: u64) -> Result<MmapRegion<()>, Errno> {
+    let len = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
+    MmapRegion::build(Some(FileOffset::new(file, offset)), len, prot, libc::MAP_SHARED | libc::MAP_NORESERVE).map_err(
+        |e| {
+            log::warn!("DMA_MAP {iova:#x}+{size:#x}: mmap failed: {e}");
+            match e {
+                vm_memory::mmap::MmapRegionError::Mmap(io) => Errno(io.raw_os_error().unwrap_or(libc::EINVAL)),
+                _ => Errno::EINVAL,
+            }
+        },
+    )
+}
+
+/// Called for a region's mapping about to be dropped: when it is the last user of a whole-file mapping (the other
+/// reference is `files`'), that mapping goes too.
+fn release(t: &mut Table, m: &Mapped) {
+    if let Some(k) = m.shared {
+        if Arc::strong_count(&m.map) == 2 && t.files.get(&k).is_some_and(|f| Arc::ptr_eq(&f.map, &m.map)) {
+            t.files.remove(&k);
+            t.file_bytes -= m.map.size() as u64;
+        }
+    }
 }
 
 /// Keeps what the device wrote into a region that goes away while logging, for the next REPORT.
 fn retire(t: &mut Table, r: Region) {
-    if matches!(r.backing, Backing::Mapped(_)) {
+    if let Backing::Mapped(m) = &r.backing {
         t.mapped_bytes -= r.size;
+        release(t, m);
     }
     let (Some(log), Some(l)) = (t.log.as_mut(), r.log) else { return };
     if l.dirty.count() == 0 && l.ever.as_ref().is_none_or(|e| e.count() == 0) {
@@ -278,37 +340,24 @@ impl GuestMem {
         if size == 0 {
             return Err(Errno::EINVAL);
         }
+        let overlaps = |t: &Table| t.regions.range(..end).next_back().is_some_and(|(&a, r)| a + r.size > iova);
+        if overlaps(&self.rd()) {
+            return Err(Errno(libc::EEXIST)); // before any mmap
+        }
         let backing = match file {
-            Some((file, offset)) => {
-                let len = usize::try_from(size).map_err(|_| Errno::EINVAL)?;
-                check_file(&file, offset, size, iova)?;
-                if self.rd().mapped_bytes.saturating_add(size) > MAX_MAPPED_BYTES {
-                    log::warn!(
-                        "DMA_MAP {iova:#x}+{size:#x}: fd-backed mappings would exceed {MAX_MAPPED_BYTES:#x} bytes"
-                    );
-                    return Err(Errno(libc::ENOMEM));
-                }
-                let prot = (if readable { libc::PROT_READ } else { 0 }) | (if writable { libc::PROT_WRITE } else { 0 });
-                let region = MmapRegion::build(
-                    Some(FileOffset::new(file, offset)),
-                    len,
-                    prot,
-                    libc::MAP_SHARED | libc::MAP_NORESERVE,
-                )
-                .map_err(|e| {
-                    log::warn!("DMA_MAP {iova:#x}+{size:#x}: mmap failed: {e}");
-                    match e {
-                        vm_memory::mmap::MmapRegionError::Mmap(io) => Errno(io.raw_os_error().unwrap_or(libc::EINVAL)),
-                        _ => Errno::EINVAL,
-                    }
-                })?;
-                Backing::Mapped(region)
-            }
+            Some((file, offset)) => Backing::Mapped(self.map_file(file, offset, iova, size, readable, writable)?),
             None => Backing::Remote,
         };
         let mut t = self.wr();
-        let overlaps_prev = t.regions.range(..end).next_back().is_some_and(|(&a, r)| a + r.size > iova);
-        if overlaps_prev {
+        if let Backing::Mapped(m) = &backing {
+            // Checked again under the write lock: the checks above ran without it.
+            let full = t.mapped_bytes.saturating_add(size) > MAX_MAPPED_BYTES;
+            if full || overlaps(&t) {
+                release(&mut t, m);
+                return Err(Errno(if full { libc::ENOMEM } else { libc::EEXIST }));
+            }
+            t.mapped_bytes += size;
+        } else if overlaps(&t) {
             return Err(Errno(libc::EEXIST));
         }
         // Only memory we write directly is tracked here; the client tracks what it writes for our DMA messages.
@@ -316,15 +365,55 @@ impl GuestMem {
             (Some(l), Backing::Mapped(_)) => l.new_log(iova, size),
             _ => None,
         };
-        if matches!(backing, Backing::Mapped(_)) {
-            // Checked again under the write lock: the check above ran before the mmap, without it.
-            if t.mapped_bytes.saturating_add(size) > MAX_MAPPED_BYTES {
-                return Err(Errno(libc::ENOMEM));
-            }
-            t.mapped_bytes += size;
-        }
         t.regions.insert(iova, Region { size, readable, writable, backing, log });
         Ok(())
+    }
+
+    /// The region's window into the client's file: into the file's shared whole-file mapping when there is one
+    /// that covers it (no mmap, and the fd is closed), else into a new whole-file mapping, else (the file is too
+    /// big to map whole within [`MAX_MAPPED_BYTES`]) into a mapping of the region alone.
+    fn map_file(
+        &self,
+        file: File,
+        offset: u64,
+        iova: u64,
+        size: u64,
+        readable: bool,
+        writable: bool,
+    ) -> Result<Mapped, Errno> {
+        let prot = (if readable { libc::PROT_READ } else { 0 }) | (if writable { libc::PROT_WRITE } else { 0 });
+        let (key, file_size) = check_file(&file, offset, size, iova, prot)?;
+        let base = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        {
+            let t = self.rd();
+            if t.mapped_bytes.saturating_add(size) > MAX_MAPPED_BYTES {
+                log::warn!("DMA_MAP {iova:#x}+{size:#x}: fd-backed mappings would exceed {MAX_MAPPED_BYTES:#x} bytes");
+                return Err(Errno(libc::ENOMEM));
+            }
+            if let Some(f) = t.files.get(&key) {
+                if offset + size <= f.map.size() as u64 {
+                    if !f.sealed {
+                        sealed(&file, iova, size);
+                    }
+                    return Ok(Mapped { map: f.map.clone(), base, shared: Some(key) });
+                }
+            }
+        }
+        let is_sealed = sealed(&file, iova, size);
+        let whole = self.rd().file_bytes.saturating_add(file_size) <= MAX_MAPPED_BYTES;
+        if !whole {
+            let map = mmap(file, offset, size, prot, iova, size)?;
+            return Ok(Mapped { map: Arc::new(map), base: 0, shared: None });
+        }
+        let map = Arc::new(mmap(file, 0, file_size, prot, iova, size)?);
+        let mut t = self.wr();
+        // Another thread may have mapped the same file meanwhile, or the file grew past the one mapped before:
+        // keep the newest (regions hold on to theirs).
+        if let Some(old) = t.files.insert(key, FileMap { map: map.clone(), sealed: is_sealed }) {
+            t.file_bytes -= old.map.size() as u64;
+        }
+        t.file_bytes += file_size;
+        Ok(Mapped { map, base, shared: Some(key) })
     }
 
     /// Removes the mapping that is exactly `[iova, iova + size)`. In-flight accesses to mapped memory finish
@@ -478,7 +567,7 @@ impl GuestMem {
         if !r.readable || off + buf.len() as u64 > r.size {
             return Err(MemError::Unmapped(addr));
         }
-        let s = m.get_slice(off as usize, buf.len()).map_err(|_| MemError::Unmapped(addr))?;
+        let s = m.map.get_slice(m.base + off as usize, buf.len()).map_err(|_| MemError::Unmapped(addr))?;
         s.copy_to(buf);
         Ok(())
     }
@@ -713,12 +802,12 @@ impl Batch<'_> {
 /// Copies `dir` at offset `off` of mapped region `r` (guest address `at`), which the caller checked covers it with
 /// the needed permission, under the table's read lock `t`; a write marks the pages it touched.
 #[inline]
-fn copy_mapped(t: &Table, r: &Region, m: &MmapRegion<()>, off: u64, at: u64, dir: Dir<'_>) -> Result<(), MemError> {
+fn copy_mapped(t: &Table, r: &Region, m: &Mapped, off: u64, at: u64, dir: Dir<'_>) -> Result<(), MemError> {
     let n = match &dir {
         Dir::Read(b) => b.len(),
         Dir::Write(d) => d.len(),
     };
-    let s = m.get_slice(off as usize, n).map_err(|_| MemError::Unmapped(at))?;
+    let s = m.map.get_slice(m.base + off as usize, n).map_err(|_| MemError::Unmapped(at))?;
     match dir {
         Dir::Read(b) => {
             s.copy_to(b);
@@ -787,6 +876,60 @@ mod tests {
         // Fd-less mappings get no bitmap, so they are not capped beyond the map count.
         m.map(1 << 50, 1 << 48, true, true, None).unwrap();
         assert!(m.is_empty() || m.len() == 1);
+    }
+
+    #[test]
+    fn regions_of_one_file_share_one_mapping_until_the_last_goes() {
+        let m = GuestMem::new();
+        let f = memfd(8 * PAGE_SIZE);
+        let mut peer = f.try_clone().unwrap();
+        // Three regions from three fds of one file (as a vIOMMU maps RAM page by page), out of order.
+        for (i, page) in [5u64, 1, 3].into_iter().enumerate() {
+            let iova = 0x10_0000 + i as u64 * 0x10_0000;
+            m.map(iova, PAGE_SIZE, true, true, Some((f.try_clone().unwrap(), page * PAGE_SIZE))).unwrap();
+        }
+        // Read-only regions get a mapping of their own.
+        m.map(0x90_0000, PAGE_SIZE, true, false, Some((f.try_clone().unwrap(), PAGE_SIZE))).unwrap();
+        let files = |m: &GuestMem| {
+            let t = m.rd();
+            (t.files.len(), t.file_bytes)
+        };
+        assert_eq!(files(&m), (2, 16 * PAGE_SIZE));
+        m.write(0x20_0000 + 8, b"page one").unwrap(); // the second region: file page 1
+        let mut got = [0u8; 8];
+        peer.seek(SeekFrom::Start(PAGE_SIZE + 8)).unwrap();
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"page one", "each region is its own window into the file");
+        m.read(0x90_0008, &mut got).unwrap();
+        assert_eq!(&got, b"page one", "the read-only window sees the same page");
+        assert!(matches!(m.read(0x10_0000 + PAGE_SIZE, &mut got), Err(MemError::Unmapped(_))), "bounded by region");
+        // A failed DMA_MAP leaves no mapping behind, an unaligned offset is refused.
+        assert_eq!(
+            m.map(0x10_0000, PAGE_SIZE, true, true, Some((f.try_clone().unwrap(), 0))),
+            Err(Errno(libc::EEXIST))
+        );
+        assert_eq!(m.map(0xa0_0000, PAGE_SIZE, true, true, Some((f.try_clone().unwrap(), 8))), Err(Errno::EINVAL));
+        m.unmap(0x90_0000, PAGE_SIZE).unwrap();
+        m.unmap(0x10_0000, PAGE_SIZE).unwrap();
+        m.unmap(0x30_0000, PAGE_SIZE).unwrap();
+        assert_eq!(files(&m), (1, 8 * PAGE_SIZE), "one region still uses the file");
+        m.read(0x20_0008, &mut got).unwrap();
+        assert_eq!(&got, b"page one");
+        m.unmap_all();
+        assert_eq!(files(&m), (0, 0), "the last region took the mapping with it");
+    }
+
+    #[test]
+    fn a_file_too_big_to_map_whole_maps_the_region_alone() {
+        let m = GuestMem::new();
+        let huge = memfd(MAX_MAPPED_BYTES + PAGE_SIZE); // sparse: nothing is allocated
+        m.map(0, PAGE_SIZE, true, true, Some((huge.try_clone().unwrap(), MAX_MAPPED_BYTES))).unwrap();
+        m.write(8, b"far").unwrap();
+        let mut got = [0u8; 3];
+        m.read(8, &mut got).unwrap();
+        assert_eq!(&got, b"far");
+        assert_eq!(m.rd().files.len(), 0);
+        m.unmap(0, PAGE_SIZE).unwrap();
     }
 
     #[test]
