@@ -23,7 +23,24 @@ fn run(name: &str, cfg: Config) -> Report {
     let _ = std::fs::write(dir.join(format!("{name}.json")), rep.to_json());
     let _ = std::fs::write(dir.join(format!("{name}.xml")), rep.to_junit());
     eprintln!("{}", rep.summary());
+    keep_logs_in_target(rep.logs.as_deref(), name);
     rep
+}
+
+/// A run that did not pass (the known-bug tests always) keeps its logs in a directory under /tmp for a user of
+/// `vfu-migtest`; a test moves them to `target/vfu-migtest/<name>-logs` so no run leaves anything in /tmp.
+fn keep_logs_in_target(logs: Option<&str>, name: &str) {
+    let Some(src) = logs.map(PathBuf::from) else { return };
+    let dst = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/vfu-migtest/{name}-logs"));
+    let _ = std::fs::remove_dir_all(&dst);
+    let _ = std::fs::create_dir_all(&dst);
+    for e in std::fs::read_dir(&src).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::copy(e.path(), dst.join(e.file_name()));
+        }
+    }
+    std::fs::remove_dir_all(&src).unwrap_or_else(|e| panic!("removing {}: {e}", src.display()));
+    eprintln!("logs of {name}: {}", dst.display());
 }
 
 fn cfg(flow: Flow, kernel: &str) -> Config {
@@ -221,5 +238,6 @@ fn the_cli_reports_a_failed_run_with_exit_status_1_and_a_missing_guest_with_2() 
         .collect();
     assert!(failed.contains(&"VF enslaved by the failover master"), "failed checks: {failed:?}\n{err}");
     assert!(xml.contains("<failure "), "{xml}");
+    keep_logs_in_target(rep["logs"].as_str(), "cli-failover-wrong-mac");
     let _ = std::fs::remove_dir_all(&dir);
 }
