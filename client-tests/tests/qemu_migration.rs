@@ -17,21 +17,26 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn run(name: &str, cfg: Config) -> Report {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let rep = migtest::run(&cfg);
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vfu-migtest");
+    let mut rep = migtest::run(&cfg);
+    rep.logs = keep_logs_in_target(rep.logs.as_deref(), name);
+    let dir = reports_dir();
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join(format!("{name}.json")), rep.to_json());
     let _ = std::fs::write(dir.join(format!("{name}.xml")), rep.to_junit());
     eprintln!("{}", rep.summary());
-    keep_logs_in_target(rep.logs.as_deref(), name);
     rep
+}
+
+fn reports_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vfu-migtest")
 }
 
 /// A run that did not pass (the known-bug tests always) keeps its logs in a directory under /tmp for a user of
 /// `vfu-migtest`; a test moves them to `target/vfu-migtest/<name>-logs` so no run leaves anything in /tmp.
-fn keep_logs_in_target(logs: Option<&str>, name: &str) {
-    let Some(src) = logs.map(PathBuf::from) else { return };
-    let dst = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/vfu-migtest/{name}-logs"));
+/// Returns where they are now.
+fn keep_logs_in_target(logs: Option<&str>, name: &str) -> Option<String> {
+    let src = PathBuf::from(logs?);
+    let dst = reports_dir().join(format!("{name}-logs"));
     let _ = std::fs::remove_dir_all(&dst);
     let _ = std::fs::create_dir_all(&dst);
     for e in std::fs::read_dir(&src).into_iter().flatten().flatten() {
@@ -40,7 +45,7 @@ fn keep_logs_in_target(logs: Option<&str>, name: &str) {
         }
     }
     std::fs::remove_dir_all(&src).unwrap_or_else(|e| panic!("removing {}: {e}", src.display()));
-    eprintln!("logs of {name}: {}", dst.display());
+    Some(dst.display().to_string())
 }
 
 fn cfg(flow: Flow, kernel: &str) -> Config {
